@@ -1,0 +1,189 @@
+"""
+How much faster is fine_tune_lora.py's recipe than the naive one? Both run here, one after the other,
+in one process, on the same reviews, with the same hyperparameters (batch 8, learning rate, schedule,
+MAX_LENGTH), and one table compares them.
+
+    python benchmarks/speed.py                                  # GPT-2 small and IMDB from the Hub
+    python benchmarks/speed.py --model ./gpt2 --dataset ./imdb  # local folders
+
+The naive recipe is the usual tutorial's: fp32, every review padded to MAX_LENGTH, batches in random
+order, evaluation at the training batch size, no compilation. The script's recipe is its defaults.
+Training speed is taken from the last epoch, after warm-up (and compilation); the first epoch's time
+is shown too. If the GPT-2 checkpoint cannot be loaded, the same architecture with random weights
+stands in (pass --tokenizer if the Hub is unreachable): compute per token, speed and memory are the
+real ones, accuracy is meaningless and is not shown. On a CPU a smaller model and subset are used:
+the padding and overhead ratios are the point there, not the absolute speed.
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fine_tune_lora as ft  # noqa: E402
+
+NAIVE = dict(precision="fp32", group_by_length=False, torch_compile="off")  # + padding to MAX_LENGTH, eval batch 8
+RECIPES = {
+    "naive": NAIVE,
+    "script": {},  # fine_tune_lora.py's defaults
+    "script without compile": dict(torch_compile="off"),
+}
+
+
+def parse_args():
+    import torch
+
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2", help="Hub id or folder of the model to time")
+    parser.add_argument("--tokenizer", help="tokenizer folder for the random-weight stand-in (default: the model's)")
+    parser.add_argument("--dataset", default="imdb", help="as fine_tune_lora.py's --dataset_name")
+    parser.add_argument("--train_samples", type=int, default=4000 if gpu else 256)
+    parser.add_argument("--eval_samples", type=int, default=2000 if gpu else 128)
+    parser.add_argument("--epochs", type=int, default=2, help="the last epoch is the one timed (at least 2)")
+    parser.add_argument("--max_length", type=int, default=ft.MAX_LENGTH)
+    parser.add_argument("--recipes", nargs="+", default=["naive", "script"], choices=list(RECIPES))
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    args.epochs = max(2, args.epochs)
+    return args, gpu
+
+
+def model_folder(args, gpu, workdir):
+    """The model to time: the real checkpoint if it loads, else its architecture with random weights."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    try:
+        AutoConfig.from_pretrained(args.model)
+        if gpu:
+            return args.model, f"{args.model} (pretrained weights)"
+    except (OSError, ValueError):  # offline, or not a model folder
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    # GPT-2 small: 12 layers, 768 wide, 124M weights. On a CPU, 2 layers 256 wide keep the run to minutes.
+    small = {} if gpu else dict(n_layer=2, n_embd=256, n_head=4)
+    config = GPT2Config(vocab_size=len(tokenizer), **small)
+    folder = Path(workdir) / "random-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    size = "GPT-2 small architecture (124M)" if gpu else "a GPT-2 with 2 layers, 256 wide"
+    return str(folder), f"{size}, random weights"
+
+
+class PeakMemory:
+    """Peak resident memory of this process while a recipe runs, sampled every 10 ms (Linux only):
+    the process-wide peak would carry over from one recipe to the next."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        status = Path("/proc/self/status")
+        while not self.done.wait(0.01) and status.exists():
+            rss = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS"))
+            self.peak = max(self.peak, rss * 1024 / 1e9)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def padding_efficiency(cfg, lengths_train, lengths_eval):
+    """Real tokens / processed tokens, for the batches this recipe makes in its first epoch."""
+    import torch
+
+    def padded(batch):
+        return len(batch) * math.ceil(max(batch) / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
+
+    if cfg.group_by_length:
+        order = list(ft.LengthGroupedSampler(lengths_train, cfg.batch_size, cfg.seed))
+    else:
+        order = torch.randperm(len(lengths_train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train = [[lengths_train[i] for i in order[s:s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
+    evals = [lengths_eval[s:s + cfg.eval_batch_size] for s in range(0, len(lengths_eval), cfg.eval_batch_size)]
+    return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
+
+
+def main():
+    import torch
+    import transformers
+
+    args, gpu = parse_args()
+    workdir = tempfile.mkdtemp(prefix="speed-")
+    model, model_note = model_folder(args, gpu, workdir)
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})"
+    rows = []
+    for name in args.recipes:
+        cfg = SimpleNamespace(**{c.lower(): getattr(ft, c) for c in ft.CONSTANTS})
+        cfg.__dict__.update(model_name=model, dataset_name=args.dataset, max_length=args.max_length,
+                            max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
+                            num_epochs=args.epochs, output_dir=f"{workdir}/{name.replace(' ', '-')}",
+                            save_steps=10 ** 9, resume=False)  # no checkpoints: they are not what is timed
+        if name == "naive":
+            cfg.__dict__.update(NAIVE, pad_to_multiple_of=cfg.max_length, eval_batch_size=cfg.batch_size)
+        cfg.__dict__.update(RECIPES[name])
+        print(f"\n===== {name} =====", flush=True)
+        try:
+            with PeakMemory() as memory:
+                results = ft.train(cfg)
+        except Exception as error:  # one recipe failing must not hide the others' numbers
+            print(f"{name} failed: {type(error).__name__}: {ft.first_line(error)}", flush=True)
+            rows.append(dict(recipe=name, failed=f"{type(error).__name__}: {ft.first_line(error)}"))
+            continue
+        tokenizer = ft.load_tokenizer(model)
+        train_set, eval_set = ft.prepare_data(cfg, tokenizer)
+        pad_train, pad_eval = padding_efficiency(cfg, train_set["length"], eval_set["length"])
+        rows.append(dict(
+            recipe=name, precision=results["training_precision"], compiled=ft.pick_device_and_precision(cfg)[3],
+            train_samples_per_second=results["train_samples"] / results["epoch_seconds"][-1],
+            first_epoch_seconds=results["epoch_seconds"][0],
+            eval_samples_per_second=results["eval_samples_per_second"],
+            padding_efficiency_train=pad_train, padding_efficiency_eval=pad_eval,
+            peak_gpu_memory_gb=results["peak_gpu_memory_gb"], peak_process_memory_gb=memory.peak or None))
+        if gpu:
+            torch.cuda.empty_cache()
+
+    table = make_table(rows, gpu)
+    head = (f"{datetime.date.today()}, {device}, torch {torch.__version__}, transformers {transformers.__version__}\n"
+            f"model: {model_note}; {args.train_samples:,} train / {args.eval_samples:,} eval reviews from "
+            f"{args.dataset}, {args.epochs} epochs, batch {ft.BATCH_SIZE}, max length {args.max_length}")
+    print("\n" + head + "\n\n" + table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header=head, rows=rows), indent=2))
+
+
+def make_table(rows, gpu):
+    base = next((r for r in rows if r["recipe"] == "naive" and "failed" not in r), None)
+
+    def ratio(row, key):
+        return f" ({row[key] / base[key]:.1f}x)" if base and row is not base else ""
+
+    memory = "peak GPU memory" if gpu else "peak process memory"
+    key = "peak_gpu_memory_gb" if gpu else "peak_process_memory_gb"
+    lines = [f"| recipe | train samples/s | first epoch | eval samples/s | padding efficiency train / eval | {memory} |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['recipe']} | failed: {row['failed']} | | | | |")
+            continue
+        label = f"{row['recipe']} ({row['precision']}{', compiled' if row['compiled'] else ''})"
+        lines.append(
+            f"| {label} | {row['train_samples_per_second']:.0f}{ratio(row, 'train_samples_per_second')} "
+            f"| {row['first_epoch_seconds']:.1f} s | {row['eval_samples_per_second']:.0f}"
+            f"{ratio(row, 'eval_samples_per_second')} | {row['padding_efficiency_train']:.0%} / "
+            f"{row['padding_efficiency_eval']:.0%} | {f'{row[key]:.2f} GB' if row[key] else 'n/a'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

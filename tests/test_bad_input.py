@@ -1,0 +1,103 @@
+"""Bad input gets one clear line naming the problem and a non-zero exit, not a traceback."""
+import pandas as pd
+import pytest
+from conftest import base_args, run_script, write_split_files
+
+import fine_tune_lora
+
+
+def run_main(capsys, *args):
+    """The real entry point, in-process: (exit status, stderr lines)."""
+    try:
+        status = fine_tune_lora.main([str(a) for a in args])
+    except SystemExit as exit_:  # argparse exits by itself
+        status = exit_.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return status, err
+
+
+def two_files(folder, train, test, suffix="parquet"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, frame in (("train", train), ("test", test)):
+        if suffix == "parquet":
+            pd.DataFrame(frame).to_parquet(folder / f"{split}.parquet")
+        else:
+            pd.DataFrame(frame).to_csv(folder / f"{split}.csv", index=False)
+    return folder
+
+
+CASES = {
+    "missing folder": (lambda tmp: ["--dataset_name", tmp / "no-such-folder"], ["no such folder"]),
+    "neither layout": (lambda tmp: ["--dataset_name", (tmp / "empty").mkdir() or tmp / "empty"],
+                       ["neither the aclImdb layout", "train.* and test.*"]),
+    "no text column": (lambda tmp: ["--dataset_name", two_files(tmp / "d", {"review": ["a"], "label": [0]},
+                                                                {"review": ["b"], "label": [1]}, "csv")],
+                       ["no 'text' column", "review"]),
+    "no label column": (lambda tmp: ["--dataset_name", two_files(tmp / "d", {"text": ["a"], "stars": [0]},
+                                                                 {"text": ["b"], "stars": [1]})],
+                        ["no 'label' column"]),
+    "labels outside 0/1": (lambda tmp: ["--dataset_name", two_files(tmp / "d", {"text": ["a", "b"], "label": [0, 3]},
+                                                                    {"text": ["c"], "label": [1]})],
+                           ["labels must be 0 (negative) or 1 (positive)", "3"]),
+    "nothing left": (lambda tmp: ["--dataset_name", two_files(tmp / "d", {"text": ["", "  "], "label": [0, 1]},
+                                                              {"text": ["c"], "label": [1]})],
+                     ["no train reviews are left"]),
+    "unknown target module": (lambda tmp: ["--target_modules", "c_attn", "q_proj"],
+                              ["no layer called q_proj", "c_attn"]),
+    "value that does not parse": (lambda tmp: ["--lora_r", "eight"], ["--lora_r", "'eight'", "whole number"]),
+    "unknown flag": (lambda tmp: ["--lora_rank", "8"], ["unrecognized arguments: --lora_rank"]),
+    "negative sample count": (lambda tmp: ["--max_train_samples", "-5"], ["--max_train_samples", "-5"]),
+    "missing model folder": (lambda tmp: ["--model_name", tmp / "no-model"], ["--model_name", "no such folder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_with_one_clear_line(case, tiny_model, reviews, tmp_path, capsys):
+    make_args, expected = CASES[case]
+    extra = [str(a) for a in make_args(tmp_path)]
+    args = [*base_args(tiny_model, reviews), "--output_dir", tmp_path / "out", *extra]
+    status, errors = run_main(capsys, *args)
+    assert status not in (0, None)
+    assert len(errors) == 1, errors
+    for fragment in expected:
+        assert fragment in errors[0], errors[0]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_predict_without_an_adapter_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        status, errors = run_main(capsys, "--output_dir", folder, "--predict", "Great film.")
+        assert status == 1 and len(errors) == 1
+        assert str(folder) in errors[0] and "train" in errors[0]
+
+
+def test_a_real_process_exits_non_zero_without_a_traceback(tiny_model, tmp_path):
+    done = run_script("--model_name", tiny_model, "--dataset_name", tmp_path / "nowhere", "--output_dir",
+                      tmp_path / "out")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --dataset_name")
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_training(tiny_model, reviews, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", blocker / "adapter")
+    assert status == 1 and "not writable" in errors[0]
+    assert "Training on" not in capsys.readouterr().out
+
+
+def test_an_output_dir_holding_other_files_is_not_replaced(tiny_model, reviews, tmp_path, capsys):
+    precious = tmp_path / "my-documents"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", precious)
+    assert status == 1 and "not a saved model" in errors[0]
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_sample_files_are_accepted_in_every_format(tmp_path):
+    for fmt in ("parquet", "csv", "jsonl"):
+        data = fine_tune_lora.load_reviews(str(write_split_files(tmp_path / fmt, fmt, n_train=10, n_test=6)))
+        assert (len(data["train"]), len(data["test"])) == (10, 6)

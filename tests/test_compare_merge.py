@@ -1,0 +1,109 @@
+"""LoRA vs full fine-tuning, several adapters on one base, and merging."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import base_args, read_results, run_script
+
+TEXTS = ["the film was wonderful . overall superb", "dull wooden acting . overall awful",
+         "the camera and the music . overall", "a scene with a dog . overall loved"]
+
+
+def predictions_table(stdout):
+    """Rows of the --predict table: the cells before the text, split into (label, probability)."""
+    rows = []
+    for line in stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] in ("positive", "negative"):
+            rows.append(parts)
+    return rows
+
+
+def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp_path):
+    out = tmp_path / "full"
+    done = run_script(*base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e-3",
+                      "--full_output_dir", out, "--output_dir", tmp_path / "unused")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = read_results(out)
+    assert results["method"] == "full" and results["trainable_percent"] == 100
+    assert results["accuracy"] >= 0.9
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert not (tmp_path / "unused").exists()
+    # A plain AutoModelForSequenceClassification, in a fresh process, predicts what --predict prints.
+    code = ("import sys, json, torch; from transformers import AutoModelForSequenceClassification as M, "
+            "AutoTokenizer as T; m = M.from_pretrained(sys.argv[1]).eval(); t = T.from_pretrained(sys.argv[1]); "
+            "t.pad_token = t.eos_token; b = t(json.loads(sys.argv[2]), padding=True, return_tensors='pt'); "
+            "print(json.dumps(m(**b).logits.softmax(-1).tolist()))")
+    loaded = subprocess.run([sys.executable, "-c", code, str(out), json.dumps(TEXTS)], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    probabilities = json.loads(loaded.stdout.strip().splitlines()[-1])
+    printed = run_script("--full_finetune", "--full_output_dir", out, "--predict", *TEXTS)
+    for (label, shown, *_), p in zip(predictions_table(printed.stdout), probabilities):
+        assert label == ("positive" if p[1] > p[0] else "negative")
+        assert float(shown) == pytest.approx(max(p), abs=6e-4)
+
+
+def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, tmp_path):
+    done = run_script(*base_args(tiny_model, reviews), "--num_epochs", "1", "--full_learning_rate", "1e-3",
+                      "--output_dir", tmp_path / "lora", "--full_output_dir", tmp_path / "full", "--compare",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "comparison.md").read_text()
+    results = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(results) == {"lora", "full"}
+    assert results["lora"]["trainable_percent"] < 10 and results["full"]["trainable_percent"] == 100
+    for name in ("trainable parameters", "peak GPU memory", "peak process memory", "training time",
+                 "training samples/s", "accuracy", "F1", "saved weights on disk"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 4 and all(cells), row
+    assert "n/a on CPU" in table  # no GPU here: said so, and process memory given instead
+    assert table in done.stdout
+    for method in ("lora", "full"):  # the two runs saw the same data and schedule
+        assert results[method]["train_samples"] == 240 and results[method]["config"]["seed"] == 42
+    assert results["full"]["adapter_size_mb"] > 10 * results["lora"]["adapter_size_mb"]
+
+
+def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path):
+    first, _ = trained
+    second = tmp_path / "second"
+    done = run_script(*base_args(tiny_model, reviews), "--lora_r", "4", "--lora_alpha", "8", "--target_modules",
+                      "c_attn", "c_proj", "--seed", "7", "--output_dir", second)
+    assert done.returncode == 0, done.stderr[-2000:]
+    both = run_script("--predict", *TEXTS, "--adapters", first, second)
+    assert both.returncode == 0, both.stderr[-2000:]
+    header = both.stdout.splitlines()[0].split()
+    assert header[:2] == [first.name, second.name]
+    rows = predictions_table(both.stdout)
+    assert len(rows) == len(TEXTS) and all(len(r) >= 4 for r in rows)
+    # each column is exactly what that adapter gives when loaded on its own
+    for column, folder in ((0, first), (2, second)):
+        alone = predictions_table(run_script("--output_dir", folder, "--predict", *TEXTS).stdout)
+        assert [r[column:column + 2] for r in rows] == [a[:2] for a in alone]
+    # and the two adapters, whose weights differ, do not give the same probabilities
+    assert [r[1] for r in rows] != [r[3] for r in rows]
+
+
+def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import fine_tune_lora
+
+    adapter, _ = trained
+    source = tmp_path / "adapter"
+    shutil.copytree(adapter, source)
+    done = run_script("--output_dir", source, "--merge")
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged_dir = tmp_path / "adapter-merged"
+    reported = float(done.stdout.split("texts:")[-1].split()[0])
+    assert reported < 1e-4
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()  # no peft involved
+    assert type(merged).__name__ == "GPT2ForSequenceClassification"
+    with_adapter, tokenizer = fine_tune_lora.load_saved_model(source)
+    a = fine_tune_lora.classify(with_adapter, tokenizer, TEXTS, 64)
+    b = fine_tune_lora.classify(merged, tokenizer, TEXTS, 64)
+    assert torch.allclose(a, b, atol=1e-4)

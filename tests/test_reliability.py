@@ -1,0 +1,171 @@
+"""Interrupted runs resume exactly, saves are atomic, torchrun works, runs repeat, NaN stops cleanly."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, SCRIPT, base_args, read_results, run_script
+
+# Long enough to be interrupted: 6 epochs x 30 steps, a checkpoint every 10 steps.
+LONG = ["--num_epochs", "6", "--save_steps", "10"]
+
+
+def start(args, log):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def interrupt_after(args, checkpoint, sig, log_path):
+    """Run the script until `checkpoint` is complete on disk, then send it `sig`."""
+    with open(log_path, "w") as log:
+        process = start(args, log)
+        deadline = time.time() + 300
+        while not (checkpoint / "trainer_state.json").exists():
+            assert process.poll() is None, open(log_path).read()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(sig)
+        process.wait(timeout=120)
+    return process.returncode, open(log_path).read()
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_path):
+    args = [*base_args(tiny_model, reviews), *LONG]
+    reference = run_script(*args, "--output_dir", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "interrupted"
+    checkpoints = out / "checkpoints"
+    # Ctrl-C mid-epoch: a clean sentence, no traceback
+    code, log = interrupt_after([*args, "--output_dir", out], checkpoints / "checkpoint-20", signal.SIGINT,
+                                tmp_path / "first.log")
+    assert code == 1 and "Traceback" not in log
+    assert "Run the same command again to resume" in log
+    # killed outright, later in the run
+    with open(tmp_path / "second.log", "w") as log_file:
+        process = start([*args, "--output_dir", out], log_file)
+        while not (checkpoints / "checkpoint-70" / "trainer_state.json").exists():
+            assert process.poll() is None
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+    assert "Resuming from" in (tmp_path / "second.log").read_text()
+    assert not (out / "results.json").exists()
+
+    resumed = run_script(*args, "--output_dir", out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in resumed.stdout and "(step 70)" in resumed.stdout
+    a, b = read_results(tmp_path / "reference"), read_results(out)
+    assert a["accuracy"] == b["accuracy"]
+    assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
+    assert_same_adapter(tmp_path / "reference", out, tolerance=1e-5)
+
+
+def test_resuming_with_other_settings_is_refused(tiny_model, reviews, tmp_path):
+    args = [*base_args(tiny_model, reviews), *LONG, "--output_dir", tmp_path / "out"]
+    interrupt_after(args, tmp_path / "out" / "checkpoints" / "checkpoint-10", signal.SIGKILL, tmp_path / "log")
+    changed = run_script(*args, "--lora_r", "4")
+    assert changed.returncode == 1
+    assert "--lora_r was 8" in changed.stderr and "--resume false" in changed.stderr
+    fresh = run_script(*args, "--lora_r", "4", "--resume", "false", "--num_epochs", "1")
+    assert fresh.returncode == 0 and "Resuming" not in fresh.stdout
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, tolerance=0.0):
+    x, y = adapter_tensors(a), adapter_tensors(b)
+    assert x.keys() == y.keys()
+    worst = max(float((x[k] - y[k]).abs().max()) for k in x)
+    assert worst <= tolerance, worst
+
+
+def test_same_seed_same_result_and_another_seed_differs(trained, tiny_model, reviews, tmp_path):
+    first, _ = trained
+    again = run_script(*base_args(tiny_model, reviews), "--output_dir", tmp_path / "again")
+    other = run_script(*base_args(tiny_model, reviews), "--output_dir", tmp_path / "other", "--seed", "1")
+    assert again.returncode == 0 and other.returncode == 0
+    a, b = read_results(first), read_results(tmp_path / "again")
+    for key in ("accuracy", "f1", "precision", "recall", "confusion_matrix", "eval_loss", "train_loss"):
+        assert a[key] == b[key], key
+    assert_same_adapter(first, tmp_path / "again")
+    with pytest.raises(AssertionError):
+        assert_same_adapter(first, tmp_path / "other", tolerance=1e-3)
+
+
+def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
+    import shutil
+
+    import fine_tune_lora
+
+    adapter, _ = trained
+    out = tmp_path / "adapter"
+    shutil.copytree(adapter, out)
+    before = adapter_tensors(out)
+    model, tokenizer = fine_tune_lora.load_saved_model(out)
+
+    def crash_half_way(folder):
+        model.save_pretrained(folder)  # the new weights are on disk...
+        (folder / "results.json").write_text("{")
+        raise OSError("No space left on device")  # ...and then the disk is full
+
+    with pytest.raises(OSError):
+        fine_tune_lora.save_atomically(out, crash_half_way)
+    assert set(os.listdir(tmp_path)) == {"adapter"}, "no half-written folder is left behind"
+    assert read_results(out)["accuracy"] >= 0.9
+    after = adapter_tensors(out)
+    assert all((before[k] == after[k]).all() for k in before)
+    fine_tune_lora.load_saved_model(out)  # still loads
+
+    # A crash between the two renames leaves the old folder under a hidden name: it is put back.
+    os.rename(out, tmp_path / f".{out.name}.old-12345")
+    fine_tune_lora.check_output_dir(out)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(SCRIPT), *base_args(tiny_model, reviews),
+                           "--num_epochs", "4", "--output_dir", str(out)],  # 2 x 8 a step: twice the epochs
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(out)
+    assert results["processes"] == 2
+    assert sum(map(sum, results["confusion_matrix"])) == 120  # metrics over the whole eval set
+    assert results["accuracy"] >= 0.9
+    assert done.stdout.count("Found 240 train") == 1 and done.stdout.count("\naccuracy") == 1  # one process speaks
+    predicted = run_script("--output_dir", out, "--predict", "a superb film . overall wonderful")
+    assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].startswith("positive")
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp_path):
+    out = tmp_path / "nan"
+    done = run_script(*base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e8",
+                      "--full_output_dir", out, "--save_steps", "5")
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: The training loss became NaN or infinite at step ")
+    assert "Lower the learning rate" in message and "bf16" in message
+    assert not (out / "model.safetensors").exists()
+    assert not list(out.glob("checkpoints/checkpoint-*")), "no checkpoint of the broken model is written"
+
+
+def test_predict_survives_any_text(trained):
+    out, _ = trained
+    texts = ["", "   ", "x" * 100_000, "😀 émotion 日本語 ünïcödé film . overall superb", "\x00\x07 control\tchars\n\r",
+             "overall awful"]
+    done = run_script("--output_dir", out, "--predict", *[t.replace("\x00", "") for t in texts])
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = done.stdout.splitlines()[1:]
+    assert rows[0].startswith("skipped") and rows[1].startswith("skipped")
+    assert all(r.split()[0] in ("positive", "negative") for r in rows[2:6])
+    assert "Skipped 2 empty or whitespace-only text(s)." in done.stdout

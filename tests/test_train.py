@@ -1,0 +1,167 @@
+"""The tutorial's main path, through the real entry point: train, save, predict, reload."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import (FAST, SCRIPT, TINY_TRAINABLE, base_args, make_reviews, read_results, run_script,
+                      write_acl_imdb, write_split_files)
+
+RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
+               "train_seconds", "train_samples_per_second", "peak_gpu_memory_gb", "adapter_size_mb", "config"}
+
+
+def test_training_learns_and_saves_adapter_and_results(trained):
+    out, done = trained
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "results.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not (out / "checkpoints").exists(), "a finished run keeps no checkpoints"
+    results = read_results(out)
+    assert RESULT_KEYS <= results.keys()
+    assert results["accuracy"] >= 0.9, results
+    assert sum(map(sum, results["confusion_matrix"])) == results["eval_samples"] == 120
+    assert results["trainable_params"] == TINY_TRAINABLE
+    assert results["peak_gpu_memory_gb"] is None  # no GPU in the tests
+    assert results["adapter_size_mb"] == pytest.approx((out / "adapter_model.safetensors").stat().st_size / 1e6)
+    assert results["config"]["lora_r"] == 8 and results["config"]["max_length"] == 64
+    # what the user reads on screen
+    assert f"trainable params: {TINY_TRAINABLE:,}" in done.stdout
+    assert "Found 240 train and 120 test reviews" in done.stdout
+    assert "No GPU found" in done.stdout and "--max_train_samples 2000" in done.stdout
+    assert re.search(r"^accuracy\s+0\.9\d+$", done.stdout, re.M)
+
+
+def test_predict_prints_a_label_and_probability_per_text(trained):
+    out, _ = trained
+    done = run_script("--output_dir", out, "--predict", "the film was wonderful . overall superb",
+                      "dull wooden acting . overall awful")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
+    assert rows[0].startswith("positive ") and rows[1].startswith("negative ")
+    probability = float(rows[0].split()[1])
+    assert 0.5 < probability <= 1.0
+
+
+RELOAD = """
+import json, sys, torch
+from peft import AutoPeftModelForSequenceClassification, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+folder, texts = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+tokenizer.pad_token = tokenizer.eos_token
+batch = tokenizer(texts, padding=True, return_tensors="pt")
+auto = AutoPeftModelForSequenceClassification.from_pretrained(folder).eval()
+auto.config.pad_token_id = tokenizer.pad_token_id
+base = AutoModelForSequenceClassification.from_pretrained(auto.peft_config["default"].base_model_name_or_path,
+                                                          num_labels=2, pad_token_id=tokenizer.pad_token_id)
+manual = PeftModel.from_pretrained(base, folder).eval()
+with torch.no_grad():
+    print(json.dumps([auto(**batch).logits.softmax(-1).tolist(), manual(**batch).logits.softmax(-1).tolist()]))
+"""
+
+
+def test_reloading_in_a_fresh_process_gives_the_same_predictions(trained):
+    out, _ = trained
+    texts = ["the film was wonderful . overall superb", "dull wooden acting . overall awful", "the plot . overall"]
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(texts)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    auto, manual = json.loads(done.stdout.strip().splitlines()[-1])
+    flat = [p for row in auto for p in row]
+    assert flat == pytest.approx([p for row in manual for p in row], abs=1e-6)  # the two ways agree
+    predicted = run_script("--output_dir", out, "--predict", *texts)
+    for row, probabilities in zip(predicted.stdout.splitlines()[1:], auto):
+        label, shown = row.split()[:2]
+        expected = max(range(2), key=lambda i: probabilities[i])
+        assert label == ["negative", "positive"][expected]
+        assert float(shown) == pytest.approx(probabilities[expected], abs=6e-4)
+
+
+def test_reloaded_adapter_reproduces_the_reported_accuracy(trained, reviews):
+    """The folder a user gets back classifies the test set exactly as well as results.json says."""
+    import pandas as pd
+
+    import fine_tune_lora
+
+    out, _ = trained
+    test = pd.read_parquet(reviews / "test.parquet")
+    model, tokenizer = fine_tune_lora.load_saved_model(out)
+    logits = fine_tune_lora.classify(model, tokenizer, test.text.tolist(), max_length=64)
+    accuracy = float((logits.argmax(-1).numpy() == test.label.values).mean())
+    assert accuracy == pytest.approx(read_results(out)["accuracy"], abs=1 / len(test) + 1e-9)
+
+
+@pytest.mark.parametrize("layout", ["aclImdb", "csv", "jsonl"])
+def test_each_local_data_layout_trains(tiny_model, tmp_path, layout):
+    data = tmp_path / "data"
+    if layout == "aclImdb":
+        write_acl_imdb(data, n_train=64, n_test=32)
+    else:
+        write_split_files(data, layout, n_train=64, n_test=32)
+    done = run_script(*base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Found 64 train and 32 test reviews" in done.stdout
+    assert read_results(tmp_path / "out")["eval_samples"] == 32
+
+
+def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path):
+    """IMDB is sorted by label: the first N rows would all be negative."""
+    data = tmp_path / "sorted"
+    data.mkdir()
+    import pandas as pd
+
+    for split, n in (("train", 200), ("test", 100)):
+        texts, labels = make_reviews(n, seed=5)
+        frame = pd.DataFrame({"text": texts, "label": labels}).sort_values("label")
+        frame.to_parquet(data / f"{split}.parquet")
+    done = run_script(*base_args(tiny_model, data), "--num_epochs", "1", "--max_train_samples", "64",
+                      "--max_eval_samples", "40", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    matrix = read_results(tmp_path / "out")["confusion_matrix"]
+    negatives, positives = sum(matrix[0]), sum(matrix[1])
+    assert negatives + positives == 40 and min(negatives, positives) >= 10
+
+
+def test_empty_reviews_are_dropped_and_counted(tiny_model, tmp_path):
+    import pandas as pd
+
+    data = write_split_files(tmp_path / "data", "parquet", n_train=64, n_test=32)
+    frame = pd.read_parquet(data / "train.parquet")
+    frame.loc[[3, 10, 20], "text"] = ["", "   ", "\n\t"]
+    frame.to_parquet(data / "train.parquet")
+    done = run_script(*base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Dropped 3 empty or whitespace-only train reviews" in done.stdout
+    assert read_results(tmp_path / "out")["train_samples"] == 61
+
+
+def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews, tmp_path, monkeypatch):
+    import fine_tune_lora
+
+    from_flag, _ = fine_tune_lora.parse_args(["--lora_r", "4", "--target_modules", "c_attn", "c_proj",
+                                              "--max_train_samples", "none", "--full_finetune"])
+    monkeypatch.setattr(fine_tune_lora, "LORA_R", 4)
+    monkeypatch.setattr(fine_tune_lora, "TARGET_MODULES", ["c_attn", "c_proj"])
+    monkeypatch.setattr(fine_tune_lora, "MAX_TRAIN_SAMPLES", 300)
+    monkeypatch.setattr(fine_tune_lora, "FULL_FINETUNE", True)
+    edited, _ = fine_tune_lora.parse_args(["--max_train_samples", "none"])
+    assert vars(from_flag) == vars(edited)
+    assert from_flag.lora_r == 4 and from_flag.max_train_samples is None and from_flag.full_finetune is True
+
+    # and the flag really changes the model that is trained: r = 4 on c_attn only
+    done = run_script(*base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "16",
+                      "--lora_r", "4", "--output_dir", tmp_path / "r4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_results(tmp_path / "r4")["trainable_params"] == 2 * 4 * (64 + 192) + 64 * 2
+
+
+def test_help_lists_every_constant_with_default_and_comment():
+    import fine_tune_lora
+
+    done = run_script("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for name in fine_tune_lora.CONSTANTS:
+        assert f"--{name.lower()}" in text
+    assert "rank of the update" in text and "(default: 8)" in text
+    assert "(default: ['c_attn'])" in text
