@@ -28,10 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fine_tune_lora as ft  # noqa: E402
 
 NAIVE = dict(precision="fp32", group_by_length=False, torch_compile="off")  # + padding to MAX_LENGTH, eval batch 8
+
+
+def compile_without_cuda_graphs(model, device):
+    """Like the script's compile_for_speed, but every kernel is still launched from Python."""
+    import torch
+
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
+# name: (settings over the script's defaults, a replacement for its compile function or None)
 RECIPES = {
-    "naive": NAIVE,
-    "script": {},  # fine_tune_lora.py's defaults
-    "script without compile": dict(torch_compile="off"),
+    "naive": (NAIVE, None),
+    "script": ({}, None),  # fine_tune_lora.py's defaults
+    "script without compile": (dict(torch_compile="off"), None),
+    "script, compiled without CUDA graphs": (dict(torch_compile="on"), compile_without_cuda_graphs),
 }
 
 
@@ -49,6 +63,9 @@ def parse_args():
     parser.add_argument("--max_length", type=int, default=ft.MAX_LENGTH)
     parser.add_argument("--recipes", nargs="+", default=["naive", "script"], choices=list(RECIPES))
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds each recipe may take")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one recipe, print its row as JSON
+    parser.add_argument("--model_folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.epochs = max(2, args.epochs)
     return args, gpu
@@ -114,44 +131,62 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
     return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
 
 
+def run_recipe(name, model, args):
+    """Train with one recipe (in this process) and return its row of the table."""
+    import torch
+
+    settings, compile_function = RECIPES[name]
+    cfg = SimpleNamespace(**{c.lower(): getattr(ft, c) for c in ft.CONSTANTS})
+    cfg.__dict__.update(model_name=model, dataset_name=args.dataset, max_length=args.max_length,
+                        max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
+                        num_epochs=args.epochs, output_dir=tempfile.mkdtemp(prefix="speed-out-") + "/out",
+                        save_steps=10 ** 9, resume=False)  # no checkpoints: they are not what is timed
+    if name == "naive":
+        cfg.__dict__.update(pad_to_multiple_of=cfg.max_length, eval_batch_size=cfg.batch_size)
+    cfg.__dict__.update(settings)
+    if compile_function:
+        ft.compile_for_speed = compile_function
+    tokenizer = ft.load_tokenizer(model)
+    train_set, eval_set = ft.prepare_data(cfg, tokenizer)
+    pad_train, pad_eval = padding_efficiency(cfg, train_set["length"], eval_set["length"])
+    with PeakMemory() as memory:
+        results = ft.train(cfg)
+    return dict(
+        recipe=name, precision=results["training_precision"], compiled=ft.pick_device_and_precision(cfg)[3],
+        train_samples_per_second=results["train_samples"] / results["epoch_seconds"][-1],
+        first_epoch_seconds=results["epoch_seconds"][0],
+        eval_samples_per_second=results["eval_samples_per_second"],
+        padding_efficiency_train=pad_train, padding_efficiency_eval=pad_eval,
+        peak_gpu_memory_gb=results["peak_gpu_memory_gb"] if torch.cuda.is_available() else None,
+        peak_process_memory_gb=memory.peak or None)
+
+
 def main():
+    import subprocess
+
     import torch
     import transformers
 
     args, gpu = parse_args()
+    if args.child:  # one recipe, in a process of its own
+        print("ROW " + json.dumps(run_recipe(args.child, args.model_folder, args)), flush=True)
+        return
     workdir = tempfile.mkdtemp(prefix="speed-")
     model, model_note = model_folder(args, gpu, workdir)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})"
     rows = []
     for name in args.recipes:
-        cfg = SimpleNamespace(**{c.lower(): getattr(ft, c) for c in ft.CONSTANTS})
-        cfg.__dict__.update(model_name=model, dataset_name=args.dataset, max_length=args.max_length,
-                            max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
-                            num_epochs=args.epochs, output_dir=f"{workdir}/{name.replace(' ', '-')}",
-                            save_steps=10 ** 9, resume=False)  # no checkpoints: they are not what is timed
-        if name == "naive":
-            cfg.__dict__.update(NAIVE, pad_to_multiple_of=cfg.max_length, eval_batch_size=cfg.batch_size)
-        cfg.__dict__.update(RECIPES[name])
+        # Each recipe runs in a fresh process: its peak memory is its own, and a crash or a hang in
+        # one (torch.compile is young) cannot hide the others' numbers.
         print(f"\n===== {name} =====", flush=True)
+        command = [sys.executable, __file__, *sys.argv[1:], "--child", name, "--model_folder", model]
         try:
-            with PeakMemory() as memory:
-                results = ft.train(cfg)
-        except Exception as error:  # one recipe failing must not hide the others' numbers
-            print(f"{name} failed: {type(error).__name__}: {ft.first_line(error)}", flush=True)
-            rows.append(dict(recipe=name, failed=f"{type(error).__name__}: {ft.first_line(error)}"))
-            continue
-        tokenizer = ft.load_tokenizer(model)
-        train_set, eval_set = ft.prepare_data(cfg, tokenizer)
-        pad_train, pad_eval = padding_efficiency(cfg, train_set["length"], eval_set["length"])
-        rows.append(dict(
-            recipe=name, precision=results["training_precision"], compiled=ft.pick_device_and_precision(cfg)[3],
-            train_samples_per_second=results["train_samples"] / results["epoch_seconds"][-1],
-            first_epoch_seconds=results["epoch_seconds"][0],
-            eval_samples_per_second=results["eval_samples_per_second"],
-            padding_efficiency_train=pad_train, padding_efficiency_eval=pad_eval,
-            peak_gpu_memory_gb=results["peak_gpu_memory_gb"], peak_process_memory_gb=memory.peak or None))
-        if gpu:
-            torch.cuda.empty_cache()
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+            print(done.stdout, end="", flush=True)
+            row = next((json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")), None)
+            rows.append(row or dict(recipe=name, failed=f"exit status {done.returncode}"))
+        except subprocess.TimeoutExpired:
+            rows.append(dict(recipe=name, failed=f"not done after {args.timeout:.0f} s"))
 
     table = make_table(rows, gpu)
     head = (f"{datetime.date.today()}, {device}, torch {torch.__version__}, transformers {transformers.__version__}\n"
