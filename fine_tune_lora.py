@@ -59,8 +59,8 @@ SEED = 42  # same seed, same data order and initial adapter: the run is repeatab
 PRECISION = "auto"  # "auto": bf16 on GPUs that have it, else fp16; fp32 on the CPU and Apple MPS; or force "fp32"
 PAD_TO_MULTIPLE_OF = 8  # pad each batch to its longest review, rounded up to this; MAX_LENGTH pads everything to the max
 GROUP_BY_LENGTH = True  # put reviews of similar length in the same batch, so little of each batch is padding
-EVAL_BATCH_SIZE = 64  # evaluation keeps no activations for backward, so it can take far bigger batches
-TORCH_COMPILE = "auto"  # "auto": compile with CUDA graphs on a CUDA GPU, off elsewhere; or "on" / "off"
+EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so room for more), BATCH_SIZE on a CPU
+TORCH_COMPILE = False  # True: torch.compile each transformer block (CUDA graphs on a GPU); experimental, see README
 # reliability
 RESUME = True  # an interrupted run continues from its last checkpoint when started again with the same settings
 SAVE_STEPS = 500  # checkpoint every this many steps (0 = at the end of each epoch)
@@ -171,20 +171,19 @@ def parse_args(argv):
 
 def check_config(cfg):
     positive = ["max_length", "lora_r", "batch_size", "gradient_accumulation_steps", "num_epochs",
-                "eval_batch_size", "pad_to_multiple_of", "logging_steps", "learning_rate", "full_learning_rate"]
+                "pad_to_multiple_of", "logging_steps", "learning_rate", "full_learning_rate"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be greater than 0, got {getattr(cfg, name)}")
-    for name in ["max_train_samples", "max_eval_samples"]:
+    for name in ["max_train_samples", "max_eval_samples", "eval_batch_size"]:
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be a positive number of reviews or none, got {getattr(cfg, name)}")
+            raise UserError(f"--{name} must be a positive number or none, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
     if cfg.save_steps < 0 or cfg.save_total_limit < 1:
         raise UserError("--save_steps must be 0 or more and --save_total_limit at least 1")
-    for name, allowed in [("precision", ["auto", "bf16", "fp16", "fp32"]), ("torch_compile", ["auto", "on", "off"])]:
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     for name in ["output_dir", "full_output_dir"]:
         setattr(cfg, name, getattr(cfg, name).rstrip("/\\") or getattr(cfg, name))
 
@@ -218,8 +217,7 @@ def pick_device_and_precision(cfg):
     precision = auto if cfg.precision == "auto" else cfg.precision
     if device != "cuda" and precision == "fp16":
         raise UserError("--precision fp16 needs a CUDA GPU and there is none here; use bf16 or fp32")
-    compile_ = cfg.torch_compile == "on" or (cfg.torch_compile == "auto" and device == "cuda")
-    return device, name, precision, compile_
+    return device, name, precision
 
 
 # -----------------------------------------------------------------------------
@@ -470,11 +468,12 @@ def store_frozen_weights_in_half_precision(model, precision):
 
 
 def compile_for_speed(model, device):
-    """At batch 8, GPT-2 small is limited by the time Python takes to launch ~1,500 small GPU kernels
-    per step, not by the GPU's arithmetic. torch.compile fuses them into a few dozen per layer, and
-    on a GPU replays them as CUDA graphs, one launch each. Only the transformer block is compiled:
-    all 12 share one compiled graph, so compiling takes seconds instead of minutes. `dynamic=True`
-    compiles once for every review length; a CUDA graph is recorded once per padded length."""
+    """At batch 8 on a fast GPU, GPT-2 small is limited by the time Python takes to launch the
+    ~1,500 small kernels of each step, not by arithmetic. torch.compile fuses them, and on a GPU
+    replays them as CUDA graphs, one launch each. Only the transformer block is compiled: all 12
+    share the compiled code. `dynamic=True` compiles once for every review length; a CUDA graph is
+    recorded once per padded length. Off by default: in our measurement (see README) it had not
+    finished warming up after 100 s, so its speed is not yet known."""
     import torch
 
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
@@ -591,10 +590,15 @@ def estimate_cpu_time(cfg, model, collator, train, test, precision):
     batch = collator([{k: row[k] for k in ("input_ids", "attention_mask", "label")} for row in rows])
     batch["labels"] = batch.pop("label") if "label" in batch else batch.pop("labels")
     model.train()
+
+    def step(inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**inputs).loss
+        loss.backward()
+
+    step({k: v[:1, :16] if v.dim() == 2 else v[:1] for k, v in batch.items()})  # a first step is always slower
     started = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model(**batch).loss
-    loss.backward()
+    step(batch)
     seconds = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
     steps = math.ceil(len(train) / cfg.batch_size / int(os.environ.get("WORLD_SIZE", "1"))) * cfg.num_epochs
@@ -708,7 +712,7 @@ def train(cfg):
     if not resume_from and (Path(out_dir) / CHECKPOINTS).exists() and is_main_process():
         shutil.rmtree(Path(out_dir) / CHECKPOINTS)  # left by an interrupted run that is not being resumed
 
-    device, device_name, precision, compile_model = pick_device_and_precision(cfg)
+    device, device_name, precision = pick_device_and_precision(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # The seed fixes the new classification head and the adapter's initial weights, so set it first.
     set_seed(cfg.seed)
@@ -735,11 +739,11 @@ def train(cfg):
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * world * cfg.gradient_accumulation_steps))
     learning_rate = cfg.full_learning_rate if cfg.full_finetune else cfg.learning_rate
-    compiled = (", torch.compile with CUDA graphs" if device == "cuda" else ", torch.compile") if compile_model else ""
+    compiled = (", torch.compile with CUDA graphs" if device == "cuda" else ", torch.compile") if cfg.torch_compile else ""
     say(f"Device: {device} ({device_name}), precision {precision}{compiled}"
         f"{f', {world} processes' if world > 1 else ''}")
     say(f"Training on {len(train_set):,} reviews, evaluating on {len(test_set):,}; "
-        f"{cfg.num_epochs} epochs x {steps_per_epoch:,} steps of {cfg.batch_size * world * cfg.gradient_accumulation_steps} "
+        f"{cfg.num_epochs} epoch{'s' if cfg.num_epochs != 1 else ''} x {steps_per_epoch:,} steps of {cfg.batch_size * world * cfg.gradient_accumulation_steps} "
         f"reviews = {steps_per_epoch * cfg.num_epochs:,} steps, learning rate {learning_rate:g}")
     if device == "cpu" and is_main_process() and not resume_from:
         step_seconds, total_seconds = estimate_cpu_time(cfg, model, collator, train_set, test_set, precision)
@@ -747,13 +751,14 @@ def train(cfg):
             f"needs roughly {human_time(total_seconds)}. For a quick run: --max_train_samples 2000 "
             f"--max_eval_samples 500 --num_epochs 1 --max_length 256")
 
-    if compile_model:
+    if cfg.torch_compile:
         compile_for_speed(model, device)
 
     args = TrainingArguments(
         output_dir=str(Path(out_dir) / CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
+        # On a GPU a big evaluation batch keeps the GPU busy; on a CPU it only thrashes the caches.
+        per_device_eval_batch_size=cfg.eval_batch_size or (64 if device == "cuda" else cfg.batch_size),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
         learning_rate=learning_rate,

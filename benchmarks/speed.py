@@ -27,7 +27,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fine_tune_lora as ft  # noqa: E402
 
-NAIVE = dict(precision="fp32", group_by_length=False, torch_compile="off")  # + padding to MAX_LENGTH, eval batch 8
+NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False)  # + padding to MAX_LENGTH, eval batch 8
 
 
 def compile_without_cuda_graphs(model, device):
@@ -44,8 +44,8 @@ def compile_without_cuda_graphs(model, device):
 RECIPES = {
     "naive": (NAIVE, None),
     "script": ({}, None),  # fine_tune_lora.py's defaults
-    "script without compile": (dict(torch_compile="off"), None),
-    "script, compiled without CUDA graphs": (dict(torch_compile="on"), compile_without_cuda_graphs),
+    "script, compiled": (dict(torch_compile=True), None),
+    "script, compiled without CUDA graphs": (dict(torch_compile=True), compile_without_cuda_graphs),
 }
 
 
@@ -127,7 +127,8 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
     else:
         order = torch.randperm(len(lengths_train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train = [[lengths_train[i] for i in order[s:s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
-    evals = [lengths_eval[s:s + cfg.eval_batch_size] for s in range(0, len(lengths_eval), cfg.eval_batch_size)]
+    size = cfg.eval_batch_size or (64 if torch.cuda.is_available() else cfg.batch_size)  # as the script does
+    evals = [lengths_eval[s:s + size] for s in range(0, len(lengths_eval), size)]
     return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
 
 
@@ -152,7 +153,7 @@ def run_recipe(name, model, args):
     with PeakMemory() as memory:
         results = ft.train(cfg)
     return dict(
-        recipe=name, precision=results["training_precision"], compiled=ft.pick_device_and_precision(cfg)[3],
+        recipe=name, precision=results["training_precision"], compiled=cfg.torch_compile,
         train_samples_per_second=results["train_samples"] / results["epoch_seconds"][-1],
         first_epoch_seconds=results["epoch_seconds"][0],
         eval_samples_per_second=results["eval_samples_per_second"],
@@ -211,7 +212,7 @@ def make_table(rows, gpu):
         if "failed" in row:
             lines.append(f"| {row['recipe']} | failed: {row['failed']} | | | | |")
             continue
-        label = f"{row['recipe']} ({row['precision']}{', compiled' if row['compiled'] else ''})"
+        label = f"{row['recipe']} ({row['precision']})"
         lines.append(
             f"| {label} | {row['train_samples_per_second']:.0f}{ratio(row, 'train_samples_per_second')} "
             f"| {row['first_epoch_seconds']:.1f} s | {row['eval_samples_per_second']:.0f}"

@@ -87,3 +87,16 @@ def test_the_trainer_draws_its_batches_from_the_grouped_sampler(tiny_model, revi
         assert sorted(seen) == list(range(len(train)))
         assert seen == epoch_order(train["length"], 42, epoch)
     assert torch.is_tensor(batch["labels"])
+
+
+def test_bf16_keeps_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path):
+    """Frozen layers are stored in bf16 under bf16 autocast; the adapter and `score` must stay fp32."""
+    from conftest import base_args, read_results, run_script
+    from safetensors.torch import load_file
+
+    done = run_script(*base_args(tiny_model, reviews), "--precision", "bf16", "--output_dir", tmp_path / "bf16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision bf16" in done.stdout
+    weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+    assert read_results(tmp_path / "bf16")["accuracy"] >= 0.9
