@@ -36,10 +36,10 @@ warnings.filterwarnings("ignore", message=".*(null_placement|is_gradient_checkpo
 # I/O
 MODEL_NAME = "gpt2"  # Hub id or local folder; "gpt2-medium" has 355M weights instead of 124M: ~3x the compute
 DATASET_NAME = "imdb"  # Hub id, or a local folder: aclImdb layout, or train.*/test.* as parquet, csv or jsonl
-OUTPUT_DIR = "./gpt2-imdb-lora"  # the adapter, tokenizer and results.json land here (checkpoints in OUTPUT_DIR/checkpoints)
+OUTPUT_DIR = "./gpt2-imdb-lora"  # adapter, tokenizer and results.json; checkpoints go to OUTPUT_DIR/checkpoints
 FULL_OUTPUT_DIR = "./gpt2-imdb-full"  # where --full_finetune saves the whole model
 # data
-MAX_LENGTH = 512  # tokens kept per review; IMDB's median is 222, 14% are longer than 512 and 41% longer than 256
+MAX_LENGTH = 512  # tokens kept per review; IMDB's median review is 222 tokens, 14% are over 512, 41% over 256
 MAX_TRAIN_SAMPLES: int | None = None  # None = all 25,000; a random 2000 makes a quick run
 MAX_EVAL_SAMPLES: int | None = None  # None = all 25,000; with 1000, accuracy near 90% is known to about +-2 points
 # LoRA
@@ -49,15 +49,15 @@ LORA_DROPOUT = 0.05  # dropout on the adapter's input; 0.0-0.1
 TARGET_MODULES = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity
 # training
 FULL_FINETUNE = False  # True trains every weight instead of an adapter and saves the whole model
-LEARNING_RATE = 3e-4  # for the adapter; 1e-4 to 5e-4 works for LoRA, too high and the loss turns NaN
+LEARNING_RATE = 3e-4  # for the adapter; 1e-4 to 5e-4 is usual for LoRA, too high and training diverges
 FULL_LEARNING_RATE = 5e-5  # for full fine-tuning: all 124M pretrained weights move, so steps must be ~10x smaller
 BATCH_SIZE = 8  # reviews per step on each GPU; halve it (and double the next line) if you run out of memory
 GRADIENT_ACCUMULATION_STEPS = 1  # steps summed per update: effective batch = BATCH_SIZE * this * GPUs
 NUM_EPOCHS = 3  # passes over the training set
 SEED = 42  # same seed, same data order and initial adapter: the run is repeatable
-# speed (none of these changes what is learned)
+# speed: how fast the same training runs (batches hold the same reviews, the loss and schedule are unchanged)
 PRECISION = "auto"  # "auto": bf16 on GPUs that have it, else fp16; fp32 on the CPU and Apple MPS; or force "fp32"
-PAD_TO_MULTIPLE_OF = 8  # pad each batch to its longest review, rounded up to this; MAX_LENGTH pads everything to the max
+PAD_TO_MULTIPLE_OF = 8  # pad each batch to its longest review, rounded up to this; = MAX_LENGTH pads all to the max
 GROUP_BY_LENGTH = True  # put reviews of similar length in the same batch, so little of each batch is padding
 EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so room for more), BATCH_SIZE on a CPU
 TORCH_COMPILE = False  # True: torch.compile each transformer block (CUDA graphs on a GPU); experimental, see README
@@ -424,9 +424,6 @@ def load_model(cfg, tokenizer):
     except (OSError, ValueError) as error:
         raise UserError(f"--model_name {cfg.model_name}: could not load it ({first_line(error)}); check the id "
                         f"and your connection, or pass a local folder with config.json and weights") from None
-    if cfg.max_length > model.config.max_position_embeddings:
-        raise UserError(f"--max_length {cfg.max_length} is longer than this model can read "
-                        f"({model.config.max_position_embeddings} tokens); lower it")
     if cfg.full_finetune:
         return model
 
@@ -718,10 +715,16 @@ def train(cfg):
     set_seed(cfg.seed)
 
     try:
+        from transformers import AutoConfig
+
         tokenizer = load_tokenizer(resolve_model_name(cfg.model_name))
+        positions = AutoConfig.from_pretrained(resolve_model_name(cfg.model_name)).max_position_embeddings
     except (OSError, ValueError) as error:
-        raise UserError(f"--model_name {cfg.model_name}: could not load its tokenizer ({first_line(error)}); check "
-                        f"the id and your connection, or pass a local folder with the model and tokenizer") from None
+        raise UserError(f"--model_name {cfg.model_name}: could not load it ({first_line(error)}); check the id "
+                        f"and your connection, or pass a local folder with the model and its tokenizer") from None
+    if cfg.max_length > positions:
+        say(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {positions}")
+        cfg.max_length = positions
     train_set, test_set = prepare_data(cfg, tokenizer)
     model = load_model(cfg, tokenizer)
     trainable, total = count_parameters(model)
@@ -737,13 +740,13 @@ def train(cfg):
         store_frozen_weights_in_half_precision(model, precision)
 
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * world * cfg.gradient_accumulation_steps))
+    per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps  # reviews per optimizer update
+    steps_per_epoch = math.ceil(len(train_set) / per_step)
     learning_rate = cfg.full_learning_rate if cfg.full_finetune else cfg.learning_rate
-    compiled = (", torch.compile with CUDA graphs" if device == "cuda" else ", torch.compile") if cfg.torch_compile else ""
-    say(f"Device: {device} ({device_name}), precision {precision}{compiled}"
-        f"{f', {world} processes' if world > 1 else ''}")
+    compiled = ", torch.compile" + (" with CUDA graphs" if device == "cuda" else "") if cfg.torch_compile else ""
+    say(f"Device: {device} ({device_name}), precision {precision}{compiled}{f', {world} processes' if world > 1 else ''}")
     say(f"Training on {len(train_set):,} reviews, evaluating on {len(test_set):,}; "
-        f"{cfg.num_epochs} epoch{'s' if cfg.num_epochs != 1 else ''} x {steps_per_epoch:,} steps of {cfg.batch_size * world * cfg.gradient_accumulation_steps} "
+        f"{cfg.num_epochs} epoch{'s' if cfg.num_epochs != 1 else ''} x {steps_per_epoch:,} steps of {per_step} "
         f"reviews = {steps_per_epoch * cfg.num_epochs:,} steps, learning rate {learning_rate:g}")
     if device == "cpu" and is_main_process() and not resume_from:
         step_seconds, total_seconds = estimate_cpu_time(cfg, model, collator, train_set, test_set, precision)
@@ -1078,6 +1081,9 @@ def comparison_table(results):
     def ratio(a, b):
         return f"{a / b:.2f}x" if a and b else "n/a"
 
+    def number(x):  # a resumed run cannot say how fast the whole of it was
+        return f"{x:.1f}" if x is not None else "n/a (resumed)"
+
     gpu = lora["peak_gpu_memory_gb"] is not None
     rows = [
         ("trainable parameters", f"{lora['trainable_params']:,} ({lora['trainable_percent']:.2f}%)",
@@ -1096,7 +1102,7 @@ def comparison_table(results):
     rows += [
         ("training time", f"{lora['train_seconds']:.1f} s", f"{full['train_seconds']:.1f} s",
          ratio(full["train_seconds"], lora["train_seconds"])),
-        ("training samples/s", f"{lora['train_samples_per_second']:.1f}", f"{full['train_samples_per_second']:.1f}",
+        ("training samples/s", number(lora["train_samples_per_second"]), number(full["train_samples_per_second"]),
          ratio(full["train_samples_per_second"], lora["train_samples_per_second"])),
         ("accuracy", f"{lora['accuracy']:.4f}", f"{full['accuracy']:.4f}", ratio(full["accuracy"], lora["accuracy"])),
         ("F1", f"{lora['f1']:.4f}", f"{full['f1']:.4f}", ratio(full["f1"], lora["f1"])),

@@ -165,3 +165,11 @@ def test_help_lists_every_constant_with_default_and_comment():
         assert f"--{name.lower()}" in text
     assert "rank of the update" in text and "(default: 8)" in text
     assert "(default: ['c_attn'])" in text
+
+
+def test_a_max_length_beyond_the_model_is_capped_with_a_note(tiny_model, reviews, tmp_path):
+    done = run_script(*base_args(tiny_model, reviews), "--max_length", "512", "--num_epochs", "1",
+                      "--max_train_samples", "32", "--max_eval_samples", "16", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MAX_LENGTH 512 is more than this model can read; using its maximum, 256" in done.stdout
+    assert read_results(tmp_path / "out")["config"]["max_length"] == 256
