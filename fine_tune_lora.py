@@ -464,7 +464,7 @@ def store_frozen_weights_in_half_precision(model, precision):
             module.to(dtype)
 
 
-def compile_for_speed(model, device):
+def compile_for_speed(model, device, cuda_graphs=True):
     """At batch 8 on a fast GPU, GPT-2 small is limited by the time Python takes to launch the
     ~1,500 small kernels of each step, not by arithmetic. torch.compile fuses them, and on a GPU
     replays them as CUDA graphs, one launch each. Only the transformer block is compiled: all 12
@@ -476,7 +476,7 @@ def compile_for_speed(model, device):
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
     for block in blocks:
-        block.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" else "default")
+        block.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
 
 
 def count_parameters(model):

@@ -16,6 +16,7 @@ the padding and overhead ratios are the point there, not the absolute speed.
 """
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -30,22 +31,13 @@ import fine_tune_lora as ft  # noqa: E402
 NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False)  # + padding to MAX_LENGTH, eval batch 8
 
 
-def compile_without_cuda_graphs(model, device):
-    """Like the script's compile_for_speed, but every kernel is still launched from Python."""
-    import torch
-
-    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
-    for block in blocks:
-        block.compile(dynamic=True)
-
-
 # name: (settings over the script's defaults, a replacement for its compile function or None)
 RECIPES = {
     "naive": (NAIVE, None),
     "script": ({}, None),  # fine_tune_lora.py's defaults
     "script, compiled": (dict(torch_compile=True), None),
-    "script, compiled without CUDA graphs": (dict(torch_compile=True), compile_without_cuda_graphs),
+    "script, compiled without CUDA graphs": (dict(torch_compile=True),
+                                             functools.partial(ft.compile_for_speed, cuda_graphs=False)),
 }
 
 
