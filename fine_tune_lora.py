@@ -362,6 +362,32 @@ class LengthGroupedSampler:
         return iter([index for batch in batches for index in batch])
 
 
+def make_collator(tokenizer, model, pad_to_multiple_of):
+    """Pads each batch to its longest review, rounded up to PAD_TO_MULTIPLE_OF (GPU kernels prefer
+    multiples of 8)."""
+    import logging
+
+    from transformers import DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    if model.config.model_type != "gpt2" or tokenizer.padding_side != "right":
+        return pad
+
+    # GPT-2 reads left to right: each token attends only to the tokens before it. The padding goes
+    # after each review, so no real token ever sees it, and the classifier reads the last real token:
+    # the attention mask changes nothing in the result (a test checks this). Without it, attention is
+    # PyTorch's plain causal kernel (flash attention on recent GPUs) and no mask is built each step.
+    logging.getLogger("transformers.modeling_utils").addFilter(
+        lambda record: "passing in an `attention_mask`" not in record.getMessage())
+
+    def collate(features):
+        batch = pad(features)
+        del batch["attention_mask"]
+        return batch
+
+    return collate
+
+
 # -----------------------------------------------------------------------------
 # model and LoRA
 
@@ -418,9 +444,18 @@ def resolve_model_name(name):
 
 
 def load_model(cfg, tokenizer):
+    from transformers import AutoConfig
+
     name = resolve_model_name(cfg.model_name)
     try:
-        model = load_base_model(name, tokenizer)
+        config = AutoConfig.from_pretrained(name)
+        # GPT-2's activation "gelu_new" is written out in Python as eight tensor operations, and under
+        # bf16 autocast four of their results are kept for the backward pass, three of them in fp32
+        # (autocast runs `pow` in fp32): about 2 GB at 8 reviews of 512 tokens, by our count the
+        # largest item of a LoRA step. PyTorch's gelu(approximate="tanh") is the same formula in one
+        # kernel that keeps only its input. The results agree to rounding; the weights are untouched.
+        gelu_new = getattr(config, "activation_function", None) == "gelu_new"
+        model = load_base_model(name, tokenizer, **({"activation_function": "gelu_pytorch_tanh"} if gelu_new else {}))
     except (OSError, ValueError) as error:
         raise UserError(f"--model_name {cfg.model_name}: could not load it ({first_line(error)}); check the id "
                         f"and your connection, or pass a local folder with config.json and weights") from None
@@ -469,12 +504,15 @@ def compile_for_speed(model, device, cuda_graphs=True):
     ~1,500 small kernels of each step, not by arithmetic. torch.compile fuses them, and on a GPU
     replays them as CUDA graphs, one launch each. Only the transformer block is compiled: all 12
     share the compiled code. `dynamic=True` compiles once for every review length; a CUDA graph is
-    recorded once per padded length. Off by default: in our measurement (see README) it had not
-    finished warming up after 100 s, so its speed is not yet known."""
+    recorded once per padded length. Evaluation runs uncompiled (see LoraTrainer.evaluate). Off by
+    default: its speed on a GPU is not measured yet (see README)."""
     import torch
 
+    # The embeddings are frozen under LoRA, so the first block's input would not need a gradient
+    # while the others' do, and torch.compile would compile the block twice. Asking for that
+    # gradient costs one small extra product in the backward pass and saves a compilation.
+    model.enable_input_require_grads()
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
     for block in blocks:
         block.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
 
@@ -514,8 +552,11 @@ def make_trainer_class():
             # not depend on when evaluations happen: a resumed run then continues exactly as an
             # uninterrupted one would.
             state = torch.random.get_rng_state()
+            # With TORCH_COMPILE, evaluation (no gradients, batches of 64) would need compilations
+            # of its own; at that batch size the GPU is busy enough without them.
             try:
-                return super().evaluate(*args, **kwargs)
+                with torch.compiler.set_stance("force_eager"):
+                    return super().evaluate(*args, **kwargs)
             finally:
                 torch.random.set_rng_state(state)
 
@@ -701,7 +742,7 @@ def find_resume_checkpoint(cfg, out_dir):
 
 def train(cfg):
     import torch
-    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     out_dir = cfg.full_output_dir if cfg.full_finetune else cfg.output_dir
     check_output_dir(out_dir)
@@ -739,7 +780,7 @@ def train(cfg):
     if precision in ("bf16", "fp16") and not cfg.full_finetune:
         store_frozen_weights_in_half_precision(model, precision)
 
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    collator = make_collator(tokenizer, model, cfg.pad_to_multiple_of)
     per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps  # reviews per optimizer update
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     learning_rate = cfg.full_learning_rate if cfg.full_finetune else cfg.learning_rate
@@ -779,6 +820,7 @@ def train(cfg):
         # Worker processes prepare the next batches while the GPU computes; on the CPU they would
         # only compete with the training for the same cores.
         dataloader_num_workers=2 if device == "cuda" else 0,
+        dataloader_persistent_workers=device == "cuda",  # not restarted at every epoch and evaluation
         dataloader_pin_memory=device == "cuda",
         # Under torchrun on machines without a GPU the processes talk over gloo; say so explicitly,
         # or each process would train alone on the whole data set.

@@ -1,13 +1,14 @@
 """
 How much faster is fine_tune_lora.py's recipe than the naive one? Both run here, one after the other,
-in one process, on the same reviews, with the same hyperparameters (batch 8, learning rate, schedule,
-MAX_LENGTH), and one table compares them.
+each in a fresh process of its own, on the same reviews, with the same hyperparameters (batch 8,
+learning rate, schedule, MAX_LENGTH), and one table compares them.
 
     python benchmarks/speed.py                                  # GPT-2 small and IMDB from the Hub
     python benchmarks/speed.py --model ./gpt2 --dataset ./imdb  # local folders
 
 The naive recipe is the usual tutorial's: fp32, every review padded to MAX_LENGTH, batches in random
-order, evaluation at the training batch size, no compilation. The script's recipe is its defaults.
+order, the attention mask, GPT-2's own (Python) GELU, evaluation at the training batch size, no
+compilation. The script's recipe is its defaults.
 Training speed is taken from the last epoch, after warm-up (and compilation); the first epoch's time
 is shown too. If the GPT-2 checkpoint cannot be loaded, the same architecture with random weights
 stands in (pass --tokenizer if the Hub is unreachable): compute per token, speed and memory are the
@@ -31,13 +32,32 @@ import fine_tune_lora as ft  # noqa: E402
 NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False)  # + padding to MAX_LENGTH, eval batch 8
 
 
-# name: (settings over the script's defaults, a replacement for its compile function or None)
+def plain_collator(tokenizer, model, pad_to_multiple_of):
+    """The usual collator, which keeps the attention mask."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def load_with_gpt2s_own_gelu(name, tokenizer, **kwargs):
+    kwargs.pop("activation_function", None)
+    return LOAD_BASE_MODEL(name, tokenizer, **kwargs)
+
+
+LOAD_BASE_MODEL = ft.load_base_model
+# The naive recipe is the script without any of its speed-ups: GPT-2's own Python GELU, the
+# attention mask, fp32, every review padded to MAX_LENGTH, random batches, eval batch 8.
+UNDO_SPEED_UPS = dict(make_collator=plain_collator, load_base_model=load_with_gpt2s_own_gelu)
+
+# name: (settings over the script's defaults, replacements for functions of the script)
 RECIPES = {
-    "naive": (NAIVE, None),
-    "script": ({}, None),  # fine_tune_lora.py's defaults
-    "script, compiled": (dict(torch_compile=True), None),
-    "script, compiled without CUDA graphs": (dict(torch_compile=True),
-                                             functools.partial(ft.compile_for_speed, cuda_graphs=False)),
+    "naive": (NAIVE, UNDO_SPEED_UPS),
+    "script": ({}, {}),  # fine_tune_lora.py's defaults
+    "script, compiled": (dict(torch_compile=True), {}),
+    "script, compiled without CUDA graphs": (
+        dict(torch_compile=True), dict(compile_for_speed=functools.partial(ft.compile_for_speed, cuda_graphs=False))),
+    # fewer distinct lengths, so fewer CUDA graphs to record, at the price of more padding
+    "script, compiled, padded to x64": (dict(torch_compile=True, pad_to_multiple_of=64), {}),
 }
 
 
@@ -128,7 +148,7 @@ def run_recipe(name, model, args):
     """Train with one recipe (in this process) and return its row of the table."""
     import torch
 
-    settings, compile_function = RECIPES[name]
+    settings, replacements = RECIPES[name]
     cfg = SimpleNamespace(**{c.lower(): getattr(ft, c) for c in ft.CONSTANTS})
     cfg.__dict__.update(model_name=model, dataset_name=args.dataset, max_length=args.max_length,
                         max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
@@ -137,14 +157,17 @@ def run_recipe(name, model, args):
     if name == "naive":
         cfg.__dict__.update(pad_to_multiple_of=cfg.max_length, eval_batch_size=cfg.batch_size)
     cfg.__dict__.update(settings)
-    if compile_function:
-        ft.compile_for_speed = compile_function
+    for function, replacement in replacements.items():
+        setattr(ft, function, replacement)
     tokenizer = ft.load_tokenizer(model)
     train_set, eval_set = ft.prepare_data(cfg, tokenizer)
     pad_train, pad_eval = padding_efficiency(cfg, train_set["length"], eval_set["length"])
     with PeakMemory() as memory:
         results = ft.train(cfg)
+    from torch._dynamo.utils import counters
+
     return dict(
+        compiled_graphs=counters["stats"]["unique_graphs"] if cfg.torch_compile else None,
         recipe=name, precision=results["training_precision"], compiled=cfg.torch_compile,
         train_samples_per_second=results["train_samples"] / results["epoch_seconds"][-1],
         first_epoch_seconds=results["epoch_seconds"][0],
@@ -204,7 +227,8 @@ def make_table(rows, gpu):
         if "failed" in row:
             lines.append(f"| {row['recipe']} | failed: {row['failed']} | | | | |")
             continue
-        label = f"{row['recipe']} ({row['precision']})"
+        graphs = row.get("compiled_graphs")
+        label = f"{row['recipe']} ({row['precision']}{f', {graphs} graphs compiled' if graphs else ''})"
         lines.append(
             f"| {label} | {row['train_samples_per_second']:.0f}{ratio(row, 'train_samples_per_second')} "
             f"| {row['first_epoch_seconds']:.1f} s | {row['eval_samples_per_second']:.0f}"

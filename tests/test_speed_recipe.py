@@ -100,3 +100,66 @@ def test_bf16_keeps_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path):
     weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
     assert read_results(tmp_path / "bf16")["accuracy"] >= 0.9
+
+
+def load_lora_model(tiny_model):
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model)])
+    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
+    return fine_tune_lora.load_model(cfg, tokenizer).eval(), tokenizer
+
+
+def test_batches_without_an_attention_mask_classify_each_review_as_it_would_alone(tiny_model):
+    """The collator drops the attention mask (GPT-2 is causal and pads on the right); padding a
+    review among longer ones must not change its logits."""
+    import torch
+    from conftest import make_reviews
+
+    model, tokenizer = load_lora_model(tiny_model)
+    features = [tokenizer(text) for text in make_reviews(6, seed=3)[0]]
+    assert len({len(f["input_ids"]) for f in features}) > 1  # so that most of them are padded
+    batch = fine_tune_lora.make_collator(tokenizer, model, 8)(features)
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].shape[1] % 8 == 0
+    with torch.no_grad():
+        batched = model(**batch).logits
+        alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits for f in features])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_training_uses_pytorchs_fused_gelu_and_gets_gpt2s_results(tiny_model):
+    """GPT-2's Python "gelu_new" is replaced by the one-kernel tanh GELU: same formula, same logits."""
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer = load_lora_model(tiny_model)
+    torch.manual_seed(0)  # the new head `score` gets the same initial weights in both
+    original = fine_tune_lora.load_base_model(str(tiny_model), tokenizer).eval()
+    assert {type(m).__name__ for m in model.modules()} >= {"GELUTanh"}
+    assert {type(m).__name__ for m in original.modules()} >= {"NewGELUActivation"}
+    batch = tokenizer(["a wonderful film . overall great", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, original(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_compiles_the_transformer_block_once(tiny_model, reviews, tmp_path, monkeypatch):
+    """With TORCH_COMPILE, all blocks, every review length and the evaluations share one compiled
+    graph: each extra one would cost the user another wait while it compiles (tens of seconds on a
+    GPU). The "eager" backend makes the same graphs as the real one without building kernels."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kwargs: compile_module(self, **kwargs, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    # (max length 40: a length equal to the tiny model's width, 64, would be compiled apart)
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
+                                        "--max_length", "40", "--max_train_samples", "48", "--max_eval_samples", "24",
+                                        "--num_epochs", "2", "--torch_compile", "--output_dir", str(tmp_path / "out")])
+    try:
+        results = fine_tune_lora.train(cfg)
+    finally:
+        torch._dynamo.reset()
+    assert results["config"]["torch_compile"] is True
+    assert counters["stats"]["unique_graphs"] == 1
