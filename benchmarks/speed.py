@@ -23,6 +23,7 @@ import math
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,6 +145,39 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
     return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
 
 
+def report_progress():
+    """Make the Trainer print each finished step and the seconds since it was created: a recipe that
+    runs out of time can then still say how far it got, and when its first step ended (torch.compile
+    compiles during the first step)."""
+    make_trainer_class = ft.make_trainer_class
+
+    def with_progress():
+        LoraTrainer, *rest = make_trainer_class()
+
+        class ReportingTrainer(LoraTrainer):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.created = time.perf_counter()
+
+            def training_step(self, *args, **kwargs):
+                loss = super().training_step(*args, **kwargs)
+                print(f"STEP {self.state.global_step + 1} {self.state.max_steps} "
+                      f"{time.perf_counter() - self.created:.1f}", flush=True)
+                return loss
+
+        return (ReportingTrainer, *rest)
+
+    ft.make_trainer_class = with_progress
+
+
+def progress(output):
+    """(steps done, steps in all, seconds to the end of the first step) from a recipe's output."""
+    steps = [line.split()[1:] for line in output.splitlines() if line.startswith("STEP ")]
+    if not steps:
+        return None
+    return int(steps[-1][0]), int(steps[-1][1]), float(steps[0][2])
+
+
 def run_recipe(name, model, args):
     """Train with one recipe (in this process) and return its row of the table."""
     import torch
@@ -159,6 +193,7 @@ def run_recipe(name, model, args):
     cfg.__dict__.update(settings)
     for function, replacement in replacements.items():
         setattr(ft, function, replacement)
+    report_progress()
     tokenizer = ft.load_tokenizer(model)
     train_set, eval_set = ft.prepare_data(cfg, tokenizer)
     pad_train, pad_eval = padding_efficiency(cfg, train_set["length"], eval_set["length"])
@@ -198,11 +233,18 @@ def main():
         command = [sys.executable, __file__, *sys.argv[1:], "--child", name, "--model_folder", model]
         try:
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-            print(done.stdout, end="", flush=True)
-            row = next((json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")), None)
-            rows.append(row or dict(recipe=name, failed=f"exit status {done.returncode}"))
-        except subprocess.TimeoutExpired:
-            rows.append(dict(recipe=name, failed=f"not done after {args.timeout:.0f} s"))
+            output, failed = done.stdout, f"exit status {done.returncode}"
+        except subprocess.TimeoutExpired as timeout:
+            output, failed = (timeout.stdout or b"").decode(errors="replace"), f"not done after {args.timeout:.0f} s"
+        print("".join(line for line in output.splitlines(True) if not line.startswith("STEP ")), end="", flush=True)
+        row = next((json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")), None)
+        if row is None:
+            row = dict(recipe=name, failed=failed)
+            if progress(output):
+                row["failed"] += " ({} of {} steps; the first took {:.0f} s)".format(*progress(output))
+        elif progress(output):
+            row["first_step_seconds"] = progress(output)[2]
+        rows.append(row)
 
     table = make_table(rows, gpu)
     head = (f"{datetime.date.today()}, {device}, torch {torch.__version__}, transformers {transformers.__version__}\n"
@@ -227,8 +269,10 @@ def make_table(rows, gpu):
         if "failed" in row:
             lines.append(f"| {row['recipe']} | failed: {row['failed']} | | | | |")
             continue
-        graphs = row.get("compiled_graphs")
-        label = f"{row['recipe']} ({row['precision']}{f', {graphs} graphs compiled' if graphs else ''})"
+        notes = [row["precision"]]
+        if row.get("compiled_graphs"):  # how often torch.compile compiled, and how long until the first step ended
+            notes += [f"{row['compiled_graphs']} graph(s) compiled", f"first step {row['first_step_seconds']:.0f} s"]
+        label = f"{row['recipe']} ({', '.join(notes)})"
         lines.append(
             f"| {label} | {row['train_samples_per_second']:.0f}{ratio(row, 'train_samples_per_second')} "
             f"| {row['first_epoch_seconds']:.1f} s | {row['eval_samples_per_second']:.0f}"
