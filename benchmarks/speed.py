@@ -45,6 +45,12 @@ def load_with_gpt2s_own_gelu(name, tokenizer, **kwargs):
     return LOAD_BASE_MODEL(name, tokenizer, **kwargs)
 
 
+def compile_whole_model(model, device, cuda_graphs=True):
+    """The alternative to compiling each transformer block: the whole forward pass as one graph
+    (one CUDA graph on a GPU), at the price of a longer compilation."""
+    model.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
+
+
 LOAD_BASE_MODEL = ft.load_base_model
 # The naive recipe is the script without any of its speed-ups: GPT-2's own Python GELU, the
 # attention mask, fp32, every review padded to MAX_LENGTH, random batches, eval batch 8.
@@ -59,6 +65,7 @@ RECIPES = {
         dict(torch_compile=True), dict(compile_for_speed=functools.partial(ft.compile_for_speed, cuda_graphs=False))),
     # fewer distinct lengths, so fewer CUDA graphs to record, at the price of more padding
     "script, compiled, padded to x64": (dict(torch_compile=True, pad_to_multiple_of=64), {}),
+    "script, whole model compiled": (dict(torch_compile=True), dict(compile_for_speed=compile_whole_model)),
 }
 
 
@@ -245,6 +252,8 @@ def main():
         elif progress(output):
             row["first_step_seconds"] = progress(output)[2]
         rows.append(row)
+        if args.json:  # after every recipe, so that a run stopped later still leaves these rows
+            Path(args.json).write_text(json.dumps(dict(rows=rows), indent=2))
 
     table = make_table(rows, gpu)
     head = (f"{datetime.date.today()}, {device}, torch {torch.__version__}, transformers {transformers.__version__}\n"
