@@ -242,15 +242,17 @@ def main():
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
             output, failed = done.stdout, f"exit status {done.returncode}"
         except subprocess.TimeoutExpired as timeout:
-            output, failed = (timeout.stdout or b"").decode(errors="replace"), f"not done after {args.timeout:.0f} s"
+            output, failed = timeout.stdout or "", f"not done after {args.timeout:.0f} s"
+            if isinstance(output, bytes):
+                output = output.decode(errors="replace")
         print("".join(line for line in output.splitlines(True) if not line.startswith("STEP ")), end="", flush=True)
         row = next((json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")), None)
+        steps = progress(output)
         if row is None:
-            row = dict(recipe=name, failed=failed)
-            if progress(output):
-                row["failed"] += " ({} of {} steps; the first took {:.0f} s)".format(*progress(output))
-        elif progress(output):
-            row["first_step_seconds"] = progress(output)[2]
+            row = dict(recipe=name, failed=failed + (" ({} of {} steps; the first took {:.0f} s)".format(*steps)
+                                                     if steps else ""))
+        elif steps:
+            row["first_step_seconds"] = steps[2]
         rows.append(row)
         if args.json:  # after every recipe, so that a run stopped later still leaves these rows
             Path(args.json).write_text(json.dumps(dict(rows=rows), indent=2))
