@@ -1,4 +1,4 @@
-"""The speed-ups change how batches are formed, never what is learned from: checked here."""
+"""The speed-ups change how the work is done, never what is learned: checked here."""
 import random
 
 import pytest
