@@ -142,9 +142,9 @@ def test_training_uses_pytorchs_fused_gelu_and_gets_gpt2s_results(tiny_model):
 
 
 def test_compiled_training_compiles_the_transformer_block_once(tiny_model, reviews, tmp_path, monkeypatch):
-    """With TORCH_COMPILE, all blocks, every review length and the evaluations share one compiled
-    graph: each extra one would cost the user another wait while it compiles (tens of seconds on a
-    GPU). The "eager" backend makes the same graphs as the real one without building kernels."""
+    """With TORCH_COMPILE, all blocks and every review length share one compiled graph, and
+    evaluation needs none: each extra graph would make the user wait for another compilation. The
+    "eager" backend makes the same graphs as the real one without building kernels."""
     import torch
     from torch._dynamo.utils import counters
 
