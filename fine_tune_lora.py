@@ -517,6 +517,30 @@ def compile_for_speed(model, device, cuda_graphs=True):
         block.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
 
 
+@contextlib.contextmanager
+def adapter_merged(model):
+    """Evaluate with the adapter folded into the layers it adapts: W + (alpha / r) * B @ A is one
+    matrix, so each adapted layer runs one product instead of three, a scaling and an addition: as
+    fast as the plain model. Training then goes on from the very same weights: they are copied
+    before and put back after, because taking the merge back out by subtraction would not give them
+    back exactly."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):  # full fine-tuning: nothing to merge
+        yield
+        return
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        for layer, weight in zip(layers, originals):
+            layer.get_base_layer().weight.data.copy_(weight)  # in place: compiled code keeps its pointers
+
+
 def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -555,7 +579,7 @@ def make_trainer_class():
             # With TORCH_COMPILE, evaluation (no gradients, batches of 64) would need compilations
             # of its own; at that batch size the GPU is busy enough without them.
             try:
-                with torch.compiler.set_stance("force_eager"):
+                with torch.compiler.set_stance("force_eager"), adapter_merged(self.model):
                     return super().evaluate(*args, **kwargs)
             finally:
                 torch.random.set_rng_state(state)

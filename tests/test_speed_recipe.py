@@ -167,3 +167,45 @@ def test_compiled_training_compiles_the_block_once_and_learns_the_same(tiny_mode
     cfg.torch_compile, cfg.output_dir = False, str(tmp_path / "plain")
     plain = fine_tune_lora.train(cfg)
     assert compiled["train_loss"] == plain["train_loss"] and compiled["accuracy"] == plain["accuracy"]
+
+
+def test_evaluation_runs_merged_and_training_gets_its_weights_back_exactly(tiny_model, reviews, tmp_path,
+                                                                           monkeypatch):
+    """Evaluation folds the adapter into the weights (no adapter products at all), scores as the
+    unmerged adapter does, and leaves every weight bit for bit as it found it, so that training
+    goes on exactly as it would have without the evaluation."""
+    import contextlib
+
+    import torch
+    from transformers import TrainingArguments
+
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
+                                        "--max_length", "64"])
+    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
+    _, test = fine_tune_lora.prepare_data(cfg, tokenizer)
+    torch.manual_seed(0)
+    model = fine_tune_lora.load_model(cfg, tokenizer)
+    with torch.no_grad():  # a trained-looking adapter: peft starts B at zero, which would merge to nothing
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
+    adapter_products = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *_: adapter_products.append(1))
+    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to="none", use_cpu=True)
+    trainer = LoraTrainer(model=model, args=args, eval_dataset=test, processing_class=tokenizer,
+                          data_collator=fine_tune_lora.make_collator(tokenizer, model, 8),
+                          compute_metrics=fine_tune_lora.compute_metrics)
+
+    merged = trainer.evaluate()
+    assert adapter_products == []
+    for name, weight in model.named_parameters():
+        assert torch.equal(weight, before[name]), name
+    monkeypatch.setattr(fine_tune_lora, "adapter_merged", lambda model: contextlib.nullcontext())
+    unmerged = trainer.evaluate()
+    assert adapter_products  # the hook does see unmerged adapters at work
+    assert merged["eval_loss"] == pytest.approx(unmerged["eval_loss"], abs=1e-5)
+    assert merged["eval_confusion_matrix"] == unmerged["eval_confusion_matrix"]
