@@ -670,6 +670,8 @@ def estimate_cpu_time(cfg, model, collator, train, test, precision):
 
 
 def human_time(seconds):
+    if seconds < 1:
+        return "a second"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -815,7 +817,8 @@ def train(cfg):
         f"reviews = {steps_per_epoch * cfg.num_epochs:,} steps, learning rate {learning_rate:g}")
     if device == "cpu" and is_main_process() and not resume_from:
         step_seconds, total_seconds = estimate_cpu_time(cfg, model, collator, train_set, test_set, precision)
-        say(f"No GPU found: training runs on the CPU. One step takes about {step_seconds:.1f} s here, so this run "
+        step = f"about {step_seconds:.1f} s" if step_seconds >= 0.05 else "under 0.1 s"
+        say(f"No GPU found: training runs on the CPU. One step takes {step} here, so this run "
             f"needs roughly {human_time(total_seconds)}. For a quick run: --max_train_samples 2000 "
             f"--max_eval_samples 500 --num_epochs 1 --max_length 256")
 
