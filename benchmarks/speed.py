@@ -7,8 +7,8 @@ learning rate, schedule, MAX_LENGTH), and one table compares them.
     python benchmarks/speed.py --model ./gpt2 --dataset ./imdb  # local folders
 
 The naive recipe is the usual tutorial's: fp32, every review padded to MAX_LENGTH, batches in random
-order, the attention mask, GPT-2's own (Python) GELU, evaluation at the training batch size, no
-compilation. The script's recipe is its defaults.
+order, the attention mask, GPT-2's own (Python) GELU and key/value cache, evaluation at the training
+batch size with the adapter unmerged, no compilation. The script's recipe is its defaults.
 Training speed is taken from the last epoch, after warm-up (and compilation); the first epoch's time
 is shown too. If the GPT-2 checkpoint cannot be loaded, the same architecture with random weights
 stands in (pass --tokenizer if the Hub is unreachable): compute per token, speed and memory are the
@@ -16,6 +16,7 @@ real ones, accuracy is meaningless and is not shown. On a CPU a smaller model an
 the padding and overhead ratios are the point there, not the absolute speed.
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -40,9 +41,12 @@ def plain_collator(tokenizer, model, pad_to_multiple_of):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def load_with_gpt2s_own_gelu(name, tokenizer, **kwargs):
+def load_as_the_library_does(name, tokenizer, **kwargs):
+    """GPT-2's own (Python) GELU, and the key/value cache on, as transformers has them by default."""
     kwargs.pop("activation_function", None)
-    return LOAD_BASE_MODEL(name, tokenizer, **kwargs)
+    model = LOAD_BASE_MODEL(name, tokenizer, **kwargs)
+    model.config.use_cache = True
+    return model
 
 
 def compile_whole_model(model, device, cuda_graphs=True):
@@ -51,10 +55,18 @@ def compile_whole_model(model, device, cuda_graphs=True):
     model.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
 
 
+@contextlib.contextmanager
+def adapter_unmerged(model):
+    """Evaluation as the Trainer does it: the adapter's layers run as they do in training."""
+    yield
+
+
 LOAD_BASE_MODEL = ft.load_base_model
 # The naive recipe is the script without any of its speed-ups: GPT-2's own Python GELU, the
-# attention mask, fp32, every review padded to MAX_LENGTH, random batches, eval batch 8.
-UNDO_SPEED_UPS = dict(make_collator=plain_collator, load_base_model=load_with_gpt2s_own_gelu)
+# key/value cache, the attention mask, fp32, every review padded to MAX_LENGTH, random batches,
+# eval batch 8, evaluation with the adapter unmerged.
+UNDO_SPEED_UPS = dict(make_collator=plain_collator, load_base_model=load_as_the_library_does,
+                      adapter_merged=adapter_unmerged)
 
 # name: (settings over the script's defaults, replacements for functions of the script)
 RECIPES = {

@@ -209,3 +209,25 @@ def test_evaluation_runs_merged_and_training_gets_its_weights_back_exactly(tiny_
     assert adapter_products  # the hook does see unmerged adapters at work
     assert merged["eval_loss"] == pytest.approx(unmerged["eval_loss"], abs=1e-5)
     assert merged["eval_confusion_matrix"] == unmerged["eval_confusion_matrix"]
+
+
+def test_the_classifier_keeps_no_key_value_cache(tiny_model, trained):
+    """GPT-2 by default returns a copy of every layer's keys and values, for generating text. A
+    classifier never generates, so the script turns the copies off, for training and for a saved
+    adapter; the logits stay the same."""
+    import torch
+
+    caches = {"cache", "past_key_values"}
+    model, tokenizer = load_lora_model(tiny_model)
+    batch = tokenizer(["a wonderful film . overall great"], return_tensors="pt")
+    with torch.no_grad():
+        without = model(**batch)
+        model.config.use_cache = True  # transformers' default
+        with_cache = model(**batch)
+    assert not caches & set(without.keys())
+    assert caches & set(with_cache.keys())
+    torch.testing.assert_close(without.logits, with_cache.logits)
+
+    saved, tokenizer = fine_tune_lora.load_saved_model(trained[0])
+    with torch.no_grad():
+        assert not caches & set(saved(**tokenizer(["dull"], return_tensors="pt")).keys())
