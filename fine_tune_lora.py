@@ -365,8 +365,6 @@ class LengthGroupedSampler:
 def make_collator(tokenizer, model, pad_to_multiple_of):
     """Pads each batch to its longest review, rounded up to PAD_TO_MULTIPLE_OF (GPU kernels prefer
     multiples of 8)."""
-    import logging
-
     from transformers import DataCollatorWithPadding
 
     pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
@@ -377,8 +375,11 @@ def make_collator(tokenizer, model, pad_to_multiple_of):
     # after each review, so no real token ever sees it, and the classifier reads the last real token:
     # the attention mask changes nothing in the result (a test checks this). Without it, attention is
     # PyTorch's plain causal kernel (flash attention on recent GPUs) and no mask is built each step.
-    logging.getLogger("transformers.modeling_utils").addFilter(
-        lambda record: "passing in an `attention_mask`" not in record.getMessage())
+    # Given no mask, the model looks into every batch for padding, to warn that a mask may be
+    # missing; that look makes the CPU wait for the GPU at every step, and here it is not needed.
+    for module in model.modules():
+        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
 
     def collate(features):
         batch = pad(features)
@@ -597,7 +598,8 @@ def make_trainer_class():
             # Looking at the loss from Python each step would make the CPU wait for the GPU every
             # step. Instead, remember on the GPU the first step whose loss was not finite, and look
             # only when the Trainer is about to log, evaluate or save anyway.
-            step = torch.tensor(self.state.global_step + 1, device=loss.device)
+            # (torch.full, not torch.tensor: copying a number from the CPU to the GPU waits for the GPU.)
+            step = torch.full((), self.state.global_step + 1, device=loss.device)
             if self.first_bad_step is None:
                 self.first_bad_step = torch.zeros((), dtype=torch.long, device=loss.device)
             bad = (~torch.isfinite(loss.detach())) & (self.first_bad_step == 0)
@@ -857,6 +859,8 @@ def train(cfg):
         dataloader_num_workers=2 if device == "cuda" else 0,
         dataloader_persistent_workers=device == "cuda",  # not restarted at every epoch and evaluation
         dataloader_pin_memory=device == "cuda",
+        # Copy each batch to the GPU without waiting for the copy (from pinned memory that is safe).
+        accelerator_config={"non_blocking": device == "cuda"},
         # Under torchrun on machines without a GPU the processes talk over gloo; say so explicitly,
         # or each process would train alone on the whole data set.
         use_cpu=device == "cpu",
