@@ -529,8 +529,8 @@ def compile_for_speed(model, device, cuda_graphs=True):
 @contextlib.contextmanager
 def adapter_merged(model):
     """Evaluate with the adapter folded into the layers it adapts: W + (alpha / r) * B @ A is one
-    matrix, so each adapted layer runs one product instead of three, a scaling and an addition: as
-    fast as the plain model. Training then goes on from the very same weights: they are copied
+    matrix, so each adapted layer runs one product, as in the plain model, instead of three, a
+    scaling and an addition. Training then goes on from the very same weights: they are copied
     before and put back after, because taking the merge back out by subtraction would not give them
     back exactly."""
     from peft import PeftModel
