@@ -231,3 +231,24 @@ def test_the_classifier_keeps_no_key_value_cache(tiny_model, trained):
     saved, tokenizer = fine_tune_lora.load_saved_model(trained[0])
     with torch.no_grad():
         assert not caches & set(saved(**tokenizer(["dull"], return_tensors="pt")).keys())
+
+
+def test_the_trainers_tally_of_work_counts_the_weights_once(tiny_model, tmp_path, monkeypatch):
+    """The Trainer's `total_flos` (6 x tokens x weights) comes out as the Trainer computes it, but
+    the weights are counted once, not walked over again at every step."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer = load_lora_model(tiny_model)
+    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = LoraTrainer(model=model, args=args, processing_class=tokenizer)
+    batches = [{"input_ids": torch.zeros(8, length, dtype=torch.long)} for length in (16, 64, 512, 64)]
+    expected = [Trainer.floating_point_ops(trainer, batch) for batch in batches]
+
+    gpt2 = model.get_base_model()
+    counts = []
+    count_weights = gpt2.num_parameters
+    monkeypatch.setattr(gpt2, "num_parameters", lambda **kwargs: counts.append(1) or count_weights(**kwargs))
+    assert [trainer.floating_point_ops(batch) for batch in batches] == expected
+    assert len(counts) == 1
