@@ -15,6 +15,7 @@ Every constant below can be set from the command line as --lowercase_name VALUE
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -381,12 +382,16 @@ def make_collator(tokenizer, model, pad_to_multiple_of):
         if hasattr(module, "warn_if_padding_and_no_attention_mask"):
             module.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
 
-    def collate(features):
-        batch = pad(features)
-        del batch["attention_mask"]
-        return batch
+    return functools.partial(pad_without_mask, pad)
 
-    return collate
+
+def pad_without_mask(pad, features):
+    # Defined out here, not inside make_collator: on Windows, and on Linux from Python 3.14, the
+    # data-loader workers start as fresh processes and receive the collator pickled, and Python
+    # cannot pickle a function defined inside another.
+    batch = pad(features)
+    del batch["attention_mask"]
+    return batch
 
 
 # -----------------------------------------------------------------------------

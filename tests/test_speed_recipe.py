@@ -252,3 +252,40 @@ def test_the_trainers_tally_of_work_counts_the_weights_once(tiny_model, tmp_path
     monkeypatch.setattr(gpt2, "num_parameters", lambda **kwargs: counts.append(1) or count_weights(**kwargs))
     assert [trainer.floating_point_ops(batch) for batch in batches] == expected
     assert len(counts) == 1
+
+
+def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_14(tiny_model, reviews, tmp_path):
+    """On a GPU the Trainer prepares batches in worker processes. On Windows, and on Linux from
+    Python 3.14, those start as fresh processes ("spawn", "forkserver") and receive the collator
+    pickled; the batches must come out as they do without workers."""
+    import multiprocessing
+
+    import torch
+    from transformers import TrainingArguments
+
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
+                                        "--max_length", "64", "--max_train_samples", "48"])
+    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
+    train, _ = fine_tune_lora.prepare_data(cfg, tokenizer)
+    model = fine_tune_lora.load_model(cfg, tokenizer)
+    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
+
+    def batches(workers):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, seed=42, report_to="none",
+                                 use_cpu=True, dataloader_num_workers=workers)
+        trainer = LoraTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                              data_collator=fine_tune_lora.make_collator(tokenizer, model, 8))
+        trainer.group_by_length = True
+        return list(trainer.get_train_dataloader())
+
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        from_workers = batches(workers=2)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    in_process = batches(workers=0)
+    assert len(from_workers) == len(in_process) == 6
+    for a, b in zip(from_workers, in_process):
+        assert a.keys() == b.keys() and "attention_mask" not in a
+        assert all(torch.equal(a[key], b[key]) for key in a)
