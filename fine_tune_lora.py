@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,7 +101,10 @@ def constant_comments():
 
 def value_parser(name, default):
     """Turn a command-line string into a value of the constant's type, or fail with a clear sentence."""
-    optional = type(None) in getattr(__annotations__.get(name), "__args__", ())
+    # `int | None` at the top marks a constant that can also be none. Read the annotations from the
+    # module object, which works in every Python version (from 3.14 on they are evaluated lazily).
+    annotations = typing.get_type_hints(sys.modules[__name__])
+    optional = type(None) in getattr(annotations.get(name), "__args__", ())
     kind = int if optional else type(default)
 
     def parse(text):
