@@ -213,8 +213,9 @@ def pick_device_and_precision(cfg):
     if torch.cuda.is_available():
         device = "cuda"
         name = torch.cuda.get_device_name()
-        # bf16 has fp32's range, so it needs no loss scaling; older GPUs (before Ampere) only have fp16.
-        auto = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # bf16 has fp32's range, so it needs no loss scaling. GPUs before Ampere (a T4, a V100) only
+        # have fp16: bf16 there is emulated, slowly, and torch counts that as support unless told not to.
+        auto = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     elif torch.backends.mps.is_available():
         device, name, auto = "mps", "Apple GPU", "fp32"
     else:

@@ -289,3 +289,18 @@ def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_1
     for a, b in zip(from_workers, in_process):
         assert a.keys() == b.keys() and "attention_mask" not in a
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("hardware_bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, hardware_bf16, expected):
+    """A GPU before Ampere (a T4, a V100) can only emulate bf16, slowly; there "auto" means fp16.
+    No GPU here, so one is described to the script as torch would describe it."""
+    import torch
+
+    cfg, _ = fine_tune_lora.parse_args([])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    # torch says yes to bf16 where it can emulate it, unless asked for hardware support only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: hardware_bf16 or including_emulation)
+    assert fine_tune_lora.pick_device_and_precision(cfg) == ("cuda", "a GPU", expected)
