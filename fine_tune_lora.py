@@ -847,9 +847,14 @@ def train(cfg):
     if device == "cpu" and is_main_process() and not resume_from:
         step_seconds, total_seconds = estimate_cpu_time(cfg, model, collator, train_set, test_set, precision)
         step = f"about {step_seconds:.1f} s" if step_seconds >= 0.05 else "under 0.1 s"
+        # Suggest a quick run, unless this one is no bigger than that already.
+        quick = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256}
+        this_run = {"max_train_samples": len(train_set), "max_eval_samples": len(test_set),
+                    "num_epochs": cfg.num_epochs, "max_length": cfg.max_length}
+        smaller = "".join(f" --{name} {value}" for name, value in quick.items())
+        hint = f" For a quick run:{smaller}" if any(this_run[k] > v for k, v in quick.items()) else ""
         say(f"No GPU found: training runs on the CPU. One step takes {step} here, so this run "
-            f"needs roughly {human_time(total_seconds)}. For a quick run: --max_train_samples 2000 "
-            f"--max_eval_samples 500 --num_epochs 1 --max_length 256")
+            f"needs roughly {human_time(total_seconds)}.{hint}")
 
     if cfg.torch_compile:
         compile_for_speed(model, device)
