@@ -851,8 +851,8 @@ def train(cfg):
         quick = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256}
         this_run = {"max_train_samples": len(train_set), "max_eval_samples": len(test_set),
                     "num_epochs": cfg.num_epochs, "max_length": cfg.max_length}
-        smaller = "".join(f" --{name} {value}" for name, value in quick.items())
-        hint = f" For a quick run:{smaller}" if any(this_run[k] > v for k, v in quick.items()) else ""
+        flags = "".join(f" --{name} {value}" for name, value in quick.items())
+        hint = f" For a quick run:{flags}" if any(this_run[k] > v for k, v in quick.items()) else ""
         say(f"No GPU found: training runs on the CPU. One step takes {step} here, so this run "
             f"needs roughly {human_time(total_seconds)}.{hint}")
 
