@@ -90,7 +90,7 @@ def parse_args():
     parser.add_argument("--tokenizer", help="tokenizer folder for the random-weight stand-in (default: the model's)")
     parser.add_argument("--dataset", default="imdb", help="as fine_tune_lora.py's --dataset_name")
     parser.add_argument("--train_samples", type=int, default=4000 if gpu else 256)
-    parser.add_argument("--eval_samples", type=int, default=2000 if gpu else 128)
+    parser.add_argument("--eval_samples", type=int, default=2000 if gpu else 512)
     parser.add_argument("--epochs", type=int, default=2, help="the last epoch is the one timed (at least 2)")
     parser.add_argument("--max_length", type=int, default=ft.MAX_LENGTH)
     parser.add_argument("--recipes", nargs="+", default=["naive", "script"], choices=list(RECIPES))

@@ -304,3 +304,30 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, hardware_
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: hardware_bf16 or including_emulation)
     assert fine_tune_lora.pick_device_and_precision(cfg) == ("cuda", "a GPU", expected)
+
+
+def test_the_benchmark_prints_its_table_and_the_script_pads_far_less(tiny_model, reviews, tmp_path):
+    """benchmarks/speed.py runs both recipes on the same reviews and prints one table. The reviews
+    here are 12 to 76 tokens long, 41 on average: padded to 96 as the naive recipe does, under half
+    of what is processed is real; the script's recipe pads each batch only to its longest review."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    report = tmp_path / "speed.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
+                           "--dataset", str(reviews), "--train_samples", "64", "--eval_samples", "64",
+                           "--max_length", "96", "--json", str(report)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["recipe"]: row for row in json.loads(report.read_text())["rows"]}
+    assert rows.keys() == {"naive", "script"} and not any("failed" in row for row in rows.values())
+    naive, script = rows["naive"], rows["script"]
+    assert naive["precision"] == script["precision"] == "fp32"  # no GPU here
+    assert naive["padding_efficiency_train"] < 0.6 and naive["padding_efficiency_eval"] < 0.6
+    assert script["padding_efficiency_train"] > 0.8 and script["padding_efficiency_eval"] > 0.8
+    assert all(row["train_samples_per_second"] > 0 and row["eval_samples_per_second"] > 0 for row in rows.values())
+    table = done.stdout[done.stdout.index("| recipe |"):]
+    assert "| naive (fp32) |" in table and "| script (fp32) |" in table and "x) |" in table
