@@ -58,7 +58,7 @@ GRADIENT_ACCUMULATION_STEPS = 1  # steps summed per update: effective batch = BA
 NUM_EPOCHS = 3  # passes over the training set
 SEED = 42  # same seed, same data order and initial adapter: the run is repeatable
 # speed: how fast the same training runs (batches hold the same reviews, the loss and schedule are unchanged)
-PRECISION = "auto"  # "auto": bf16 on GPUs that have it, else fp16; fp32 on the CPU and Apple MPS; or force "fp32"
+PRECISION = "auto"  # "auto": bf16 where the GPU or CPU has it in hardware, else fp16 on a GPU, fp32 on a CPU or Mac
 PAD_TO_MULTIPLE_OF = 8  # pad each batch to its longest review, rounded up to this; = MAX_LENGTH pads all to the max
 GROUP_BY_LENGTH = True  # put reviews of similar length in the same batch, so little of each batch is padding
 EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so room for more), BATCH_SIZE on a CPU
@@ -219,7 +219,11 @@ def pick_device_and_precision(cfg):
     elif torch.backends.mps.is_available():
         device, name, auto = "mps", "Apple GPU", "fp32"
     else:
-        device, name, auto = "cpu", "CPU", "fp32"
+        # CPUs with bf16 arithmetic in hardware (AVX512-BF16: Intel Xeons since Cooper Lake, AMD since
+        # Zen 4) train GPT-2 in bf16 about 1.4x faster than in fp32 (see README); elsewhere bf16 is
+        # emulated and slower, so fp32. torch has no public test for it yet, hence the fallback.
+        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        device, name, auto = "cpu", "CPU", "bf16" if native_bf16 else "fp32"
     precision = auto if cfg.precision == "auto" else cfg.precision
     if device != "cuda" and precision == "fp16":
         raise UserError("--precision fp16 needs a CUDA GPU and there is none here; use bf16 or fp32")

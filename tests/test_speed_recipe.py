@@ -89,17 +89,20 @@ def test_the_trainer_draws_its_batches_from_the_grouped_sampler(tiny_model, revi
     assert torch.is_tensor(batch["labels"])
 
 
-def test_bf16_keeps_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path):
-    """Frozen layers are stored in bf16 under bf16 autocast; the adapter and `score` must stay fp32."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_both_cpu_precisions_learn_and_keep_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path, precision):
+    """"auto" picks one of the two on a CPU, by what the CPU computes in hardware: both must learn.
+    Under bf16 the frozen layers are stored in bf16; the adapter and `score` must stay fp32."""
     from conftest import base_args, read_results, run_script
     from safetensors.torch import load_file
 
-    done = run_script(*base_args(tiny_model, reviews), "--precision", "bf16", "--output_dir", tmp_path / "bf16")
+    out = tmp_path / precision
+    done = run_script(*base_args(tiny_model, reviews), "--precision", precision, "--output_dir", out)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "precision bf16" in done.stdout
-    weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert f"precision {precision}" in done.stdout
+    weights = load_file(str(out / "adapter_model.safetensors"))
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
-    assert read_results(tmp_path / "bf16")["accuracy"] >= 0.9
+    assert read_results(out)["accuracy"] >= 0.9
 
 
 def load_lora_model(tiny_model):
@@ -325,9 +328,27 @@ def test_the_benchmark_prints_its_table_and_the_script_pads_far_less(tiny_model,
     rows = {row["recipe"]: row for row in json.loads(report.read_text())["rows"]}
     assert rows.keys() == {"naive", "script"} and not any("failed" in row for row in rows.values())
     naive, script = rows["naive"], rows["script"]
-    assert naive["precision"] == script["precision"] == "fp32"  # no GPU here
+    # the naive recipe computes in fp32; the script as "auto" decides on this machine (no GPU here)
+    auto = fine_tune_lora.pick_device_and_precision(fine_tune_lora.parse_args([])[0])[2]
+    assert naive["precision"] == "fp32" and script["precision"] == auto
     assert naive["padding_efficiency_train"] < 0.6 and naive["padding_efficiency_eval"] < 0.6
     assert script["padding_efficiency_train"] > 0.8 and script["padding_efficiency_eval"] > 0.8
     assert all(row["train_samples_per_second"] > 0 and row["eval_samples_per_second"] > 0 for row in rows.values())
     table = done.stdout[done.stdout.index("| recipe |"):]
-    assert "| naive (fp32) |" in table and "| script (fp32) |" in table and "x) |" in table
+    assert "| naive (fp32) |" in table and f"| script ({auto}) |" in table and "x) |" in table
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32"), (None, "fp32")])
+def test_auto_precision_on_a_cpu_is_bf16_only_where_it_has_bf16_arithmetic(monkeypatch, native_bf16, expected):
+    """Where the CPU computes bf16 in hardware, "auto" trains in bf16 (faster); where it would only
+    emulate it (slower than fp32), or where torch cannot tell (None: no such test), in fp32."""
+    import torch
+
+    cfg, _ = fine_tune_lora.parse_args([])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if native_bf16 is None:
+        monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
+    assert fine_tune_lora.pick_device_and_precision(cfg) == ("cpu", "CPU", expected)
