@@ -220,13 +220,17 @@ def pick_device_and_precision(cfg):
         device, name, auto = "mps", "Apple GPU", "fp32"
     else:
         # CPUs with bf16 arithmetic in hardware (AVX512-BF16: Intel Xeons since Cooper Lake, AMD since
-        # Zen 4) train GPT-2 in bf16 about 1.4x faster than in fp32 (see README); elsewhere bf16 is
-        # emulated and slower, so fp32. torch has no public test for it yet, hence the fallback.
+        # Zen 4) train GPT-2 in bf16 about 1.4x faster than in fp32 (see README). Elsewhere bf16 is
+        # emulated, and matrix products can be tens of times slower than in fp32 (pytorch/pytorch
+        # issue 146508). torch has no public test for it yet, hence the fallback.
         native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         device, name, auto = "cpu", "CPU", "bf16" if native_bf16 else "fp32"
     precision = auto if cfg.precision == "auto" else cfg.precision
     if device != "cuda" and precision == "fp16":
         raise UserError("--precision fp16 needs a CUDA GPU and there is none here; use bf16 or fp32")
+    if device == "cpu" and precision == "bf16" and auto != "bf16":
+        say("Warning: this CPU has no bf16 arithmetic, so bf16 is emulated here and can be many times "
+            "slower than fp32 (--precision auto would use fp32)")
     return device, name, precision
 
 

@@ -352,3 +352,16 @@ def test_auto_precision_on_a_cpu_is_bf16_only_where_it_has_bf16_arithmetic(monke
     else:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
     assert fine_tune_lora.pick_device_and_precision(cfg) == ("cpu", "CPU", expected)
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_is_done_with_a_warning(monkeypatch, capsys):
+    """Emulated bf16 can make a CPU run many times slower: the user who asks for it gets it, and is told."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for native_bf16, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
+        cfg, _ = fine_tune_lora.parse_args(["--precision", "bf16"])
+        assert fine_tune_lora.pick_device_and_precision(cfg) == ("cpu", "CPU", "bf16")
+        assert ("this CPU has no bf16 arithmetic" in capsys.readouterr().out) == warned
