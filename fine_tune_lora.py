@@ -227,7 +227,8 @@ def pick_device_and_precision(cfg):
         device, name, auto = "cpu", "CPU", "bf16" if native_bf16 else "fp32"
     precision = auto if cfg.precision == "auto" else cfg.precision
     if device != "cuda" and precision == "fp16":
-        raise UserError("--precision fp16 needs a CUDA GPU and there is none here; use bf16 or fp32")
+        raise UserError("--precision fp16 needs a CUDA GPU and there is none here; use auto (bf16 where this "
+                        "machine computes it, else fp32) or fp32")
     if device == "cpu" and precision == "bf16" and auto != "bf16":
         say("Warning: this CPU has no bf16 arithmetic, so bf16 is emulated here and can be many times "
             "slower than fp32 (--precision auto would use fp32)")

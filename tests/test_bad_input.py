@@ -48,6 +48,7 @@ CASES = {
     "unknown flag": (lambda tmp: ["--lora_rank", "8"], ["unrecognized arguments: --lora_rank"]),
     "negative sample count": (lambda tmp: ["--max_train_samples", "-5"], ["--max_train_samples", "-5"]),
     "missing model folder": (lambda tmp: ["--model_name", tmp / "no-model"], ["--model_name", "no such folder"]),
+    "fp16 without a GPU": (lambda tmp: ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU", "use auto"]),
 }
 
 
