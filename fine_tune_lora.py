@@ -15,7 +15,6 @@ Every constant below can be set from the command line as --lowercase_name VALUE
 """
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -377,35 +376,12 @@ class LengthGroupedSampler:
         return iter([index for batch in batches for index in batch])
 
 
-def make_collator(tokenizer, model, pad_to_multiple_of):
+def make_collator(tokenizer, pad_to_multiple_of):
     """Pads each batch to its longest review, rounded up to PAD_TO_MULTIPLE_OF (GPU kernels prefer
     multiples of 8)."""
     from transformers import DataCollatorWithPadding
 
-    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    if model.config.model_type != "gpt2" or tokenizer.padding_side != "right":
-        return pad
-
-    # GPT-2 reads left to right: each token attends only to the tokens before it. The padding goes
-    # after each review, so no real token ever sees it, and the classifier reads the last real token:
-    # the attention mask changes nothing in the result (a test checks this). Without it, attention is
-    # PyTorch's plain causal kernel (flash attention on recent GPUs) and no mask is built each step.
-    # Given no mask, the model looks into every batch for padding, to warn that a mask may be
-    # missing; that look makes the CPU wait for the GPU at every step, and here it is not needed.
-    for module in model.modules():
-        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
-            module.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
-
-    return functools.partial(pad_without_mask, pad)
-
-
-def pad_without_mask(pad, features):
-    # Defined out here, not inside make_collator: on Windows, and on Linux from Python 3.14, the
-    # data-loader workers start as fresh processes and receive the collator pickled, and Python
-    # cannot pickle a function defined inside another.
-    batch = pad(features)
-    del batch["attention_mask"]
-    return batch
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
 # -----------------------------------------------------------------------------
@@ -417,7 +393,8 @@ def load_tokenizer(name):
 
     tokenizer = AutoTokenizer.from_pretrained(name)
     # GPT-2 was trained without padding, so it has no pad token. Batches need one: reuse the
-    # end-of-text token. The attention mask hides it, and the classifier reads the last real token.
+    # end-of-text token. It goes after each text, where no real token attends to it, and the
+    # classifier reads the last real token.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -509,6 +486,25 @@ def load_model(cfg, tokenizer):
         fan_in_fan_out=True,
     )
     return get_peft_model(model, lora)
+
+
+def attend_without_the_padding_mask(model, tokenizer):
+    """GPT-2 reads left to right: each token attends only to the tokens before it. The padding goes
+    after each review, so no real token ever sees it, and the classifier reads the last real token:
+    the attention mask changes nothing in the result (a test checks this). Attention can then be
+    PyTorch's causal kernel alone (flash attention on recent GPUs), with no mask to build or read.
+
+    transformers prepares the mask at every step, and to do so reads a number back from the GPU (is
+    the mask needed at all? are several texts packed into one row?): the CPU waits for the GPU to
+    catch up, at every step. Registered under a name of our own, the same attention function comes
+    with no mask preparation: none is done, and the mask in each batch is ignored."""
+    if model.config.model_type != "gpt2" or tokenizer.padding_side != "right":
+        return  # another model, or padding before the text: there the mask matters
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sdpa_without_mask", sdpa_attention_forward)
+    model.set_attn_implementation("sdpa_without_mask")
 
 
 def store_frozen_weights_in_half_precision(model, precision):
@@ -844,7 +840,8 @@ def train(cfg):
     if precision in ("bf16", "fp16") and not cfg.full_finetune:
         store_frozen_weights_in_half_precision(model, precision)
 
-    collator = make_collator(tokenizer, model, cfg.pad_to_multiple_of)
+    attend_without_the_padding_mask(model, tokenizer)
+    collator = make_collator(tokenizer, cfg.pad_to_multiple_of)
     per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps  # reviews per optimizer update
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     learning_rate = cfg.full_learning_rate if cfg.full_finetune else cfg.learning_rate

@@ -34,11 +34,8 @@ import fine_tune_lora as ft  # noqa: E402
 NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False)  # + padding to MAX_LENGTH, eval batch 8
 
 
-def plain_collator(tokenizer, model, pad_to_multiple_of):
-    """The usual collator, which keeps the attention mask."""
-    from transformers import DataCollatorWithPadding
-
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+def attend_with_the_padding_mask(model, tokenizer):
+    """Attention as transformers sets it up: the mask is prepared at every step and used."""
 
 
 def load_as_the_library_does(name, tokenizer, **kwargs):
@@ -65,7 +62,8 @@ LOAD_BASE_MODEL = ft.load_base_model
 # The naive recipe is the script without any of its speed-ups: GPT-2's own Python GELU, the
 # key/value cache, the attention mask, fp32, every review padded to MAX_LENGTH, random batches,
 # eval batch 8, evaluation with the adapter unmerged.
-UNDO_SPEED_UPS = dict(make_collator=plain_collator, load_base_model=load_as_the_library_does,
+UNDO_SPEED_UPS = dict(attend_without_the_padding_mask=attend_with_the_padding_mask,
+                      load_base_model=load_as_the_library_does,
                       adapter_merged=adapter_unmerged)
 
 # name: (settings over the script's defaults, replacements for functions of the script)

@@ -111,22 +111,71 @@ def load_lora_model(tiny_model):
     return fine_tune_lora.load_model(cfg, tokenizer).eval(), tokenizer
 
 
-def test_batches_without_an_attention_mask_classify_each_review_as_it_would_alone(tiny_model):
-    """The collator drops the attention mask (GPT-2 is causal and pads on the right); padding a
-    review among longer ones must not change its logits."""
+def test_attention_without_the_mask_classifies_each_review_as_it_would_alone(tiny_model):
+    """The script's attention ignores the padding mask (GPT-2 is causal and pads on the right):
+    padding a review among longer ones must not change its logits, which must also be the ones
+    transformers' own attention gives with the mask."""
     import torch
     from conftest import make_reviews
 
     model, tokenizer = load_lora_model(tiny_model)
     features = [tokenizer(text) for text in make_reviews(6, seed=3)[0]]
     assert len({len(f["input_ids"]) for f in features}) > 1  # so that most of them are padded
-    batch = fine_tune_lora.make_collator(tokenizer, model, 8)(features)
-    assert "attention_mask" not in batch
+    batch = fine_tune_lora.make_collator(tokenizer, 8)(features)
     assert batch["input_ids"].shape[1] % 8 == 0
     with torch.no_grad():
+        with_mask = model(**batch).logits
+        fine_tune_lora.attend_without_the_padding_mask(model, tokenizer)
         batched = model(**batch).logits
         alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits for f in features])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, with_mask, rtol=1e-5, atol=1e-5)
+
+
+def test_training_steps_read_nothing_back_from_the_device(tiny_model, reviews, tmp_path, monkeypatch):
+    """On a GPU, reading a number back from it (`.item()`, `if tensor:`) makes Python wait until the
+    GPU has done everything queued, and the GPU then idles while Python prepares the next step.
+    Steps between logging, evaluating and saving must read nothing back. On the CPU each such
+    read is still visible, as the operation that would copy the number back."""
+    from collections import Counter
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import TrainerCallback
+
+    reads, step = Counter(), [0]
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads[step[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    class StepNumber(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            step[0] = state.global_step + 1
+
+    make_trainer_class = fine_tune_lora.make_trainer_class
+
+    def with_step_numbers():
+        LoraTrainer, *others = make_trainer_class()
+
+        class Numbered(LoraTrainer):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.add_callback(StepNumber())
+
+        return (Numbered, *others)
+
+    monkeypatch.setattr(fine_tune_lora, "make_trainer_class", with_step_numbers)
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
+                                        "--max_length", "40", "--max_train_samples", "48", "--max_eval_samples", "16",
+                                        "--num_epochs", "2", "--output_dir", str(tmp_path / "out")])
+    with CountReads():
+        fine_tune_lora.train(cfg)
+    # 6 steps per epoch; the Trainer evaluates (and the script looks at the loss) after steps 6 and 12
+    assert sum(reads.values()) > 0  # reads do show up here
+    assert {s: n for s, n in reads.items() if s not in (0, 6, 12)} == {}
 
 
 def test_training_uses_pytorchs_fused_gelu_and_gets_gpt2s_results(tiny_model):
@@ -200,7 +249,7 @@ def test_evaluation_runs_merged_and_training_gets_its_weights_back_exactly(tiny_
     LoraTrainer = fine_tune_lora.make_trainer_class()[0]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to="none", use_cpu=True)
     trainer = LoraTrainer(model=model, args=args, eval_dataset=test, processing_class=tokenizer,
-                          data_collator=fine_tune_lora.make_collator(tokenizer, model, 8),
+                          data_collator=fine_tune_lora.make_collator(tokenizer, 8),
                           compute_metrics=fine_tune_lora.compute_metrics)
 
     merged = trainer.evaluate()
@@ -277,7 +326,7 @@ def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_1
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, seed=42, report_to="none",
                                  use_cpu=True, dataloader_num_workers=workers)
         trainer = LoraTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                              data_collator=fine_tune_lora.make_collator(tokenizer, model, 8))
+                              data_collator=fine_tune_lora.make_collator(tokenizer, 8))
         trainer.group_by_length = True
         return list(trainer.get_train_dataloader())
 
@@ -290,7 +339,7 @@ def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_1
     in_process = batches(workers=0)
     assert len(from_workers) == len(in_process) == 6
     for a, b in zip(from_workers, in_process):
-        assert a.keys() == b.keys() and "attention_mask" not in a
+        assert a.keys() == b.keys()
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
