@@ -34,22 +34,9 @@ import fine_tune_lora as ft  # noqa: E402
 NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False)  # + padding to MAX_LENGTH, eval batch 8
 
 
-def attend_with_the_padding_mask(model, tokenizer):
-    """Attention as transformers sets it up: the mask is prepared at every step and used."""
-
-
-def load_as_the_library_does(name, tokenizer, **kwargs):
-    """GPT-2's own (Python) GELU, and the key/value cache on, as transformers has them by default."""
-    kwargs.pop("activation_function", None)
-    model = LOAD_BASE_MODEL(name, tokenizer, **kwargs)
-    model.config.use_cache = True
-    return model
-
-
-def compile_whole_model(model, device, cuda_graphs=True):
-    """The alternative to compiling each transformer block: the whole forward pass as one graph
-    (one CUDA graph on a GPU), at the price of a longer compilation."""
-    model.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
+def no_speed_ups(model, tokenizer, cfg, run):
+    """The model as transformers loads it: GPT-2's own (Python) GELU, the key/value cache on, the
+    attention mask prepared at every step and used, every weight in fp32."""
 
 
 @contextlib.contextmanager
@@ -58,13 +45,16 @@ def adapter_unmerged(model):
     yield
 
 
-LOAD_BASE_MODEL = ft.load_base_model
+def compile_whole_model(model, device, cuda_graphs=True):
+    """The alternative to compiling each transformer block: the whole forward pass as one graph
+    (one CUDA graph on a GPU), at the price of a longer compilation."""
+    model.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
+
+
 # The naive recipe is the script without any of its speed-ups: GPT-2's own Python GELU, the
 # key/value cache, the attention mask, fp32, every review padded to MAX_LENGTH, random batches,
 # eval batch 8, evaluation with the adapter unmerged.
-UNDO_SPEED_UPS = dict(attend_without_the_padding_mask=attend_with_the_padding_mask,
-                      load_base_model=load_as_the_library_does,
-                      adapter_merged=adapter_unmerged)
+UNDO_SPEED_UPS = dict(speed_up=no_speed_ups, adapter_merged=adapter_unmerged)
 
 # name: (settings over the script's defaults, replacements for functions of the script)
 RECIPES = {
@@ -155,11 +145,12 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
         return len(batch) * math.ceil(max(batch) / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
 
     if cfg.group_by_length:
-        order = list(ft.LengthGroupedSampler(lengths_train, cfg.batch_size, cfg.seed))
+        order = list(ft.length_grouped_sampler(lengths_train, cfg.batch_size, cfg.seed))
     else:
         order = torch.randperm(len(lengths_train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train = [[lengths_train[i] for i in order[s:s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
     size = cfg.eval_batch_size or (64 if torch.cuda.is_available() else cfg.batch_size)  # as the script does
+    lengths_eval = sorted(lengths_eval)  # as the script orders the test set
     evals = [lengths_eval[s:s + size] for s in range(0, len(lengths_eval), size)]
     return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
 
@@ -168,25 +159,19 @@ def report_progress():
     """Make the Trainer print each finished step and the seconds since it was created: a recipe that
     runs out of time can then still say how far it got, and when its first step ended (torch.compile
     compiles during the first step)."""
-    make_trainer_class = ft.make_trainer_class
 
-    def with_progress():
-        LoraTrainer, *rest = make_trainer_class()
+    class ReportingTrainer(ft.FastTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.created = time.perf_counter()
 
-        class ReportingTrainer(LoraTrainer):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.created = time.perf_counter()
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            print(f"STEP {self.state.global_step + 1} {self.state.max_steps} "
+                  f"{time.perf_counter() - self.created:.1f}", flush=True)
+            return loss
 
-            def training_step(self, *args, **kwargs):
-                loss = super().training_step(*args, **kwargs)
-                print(f"STEP {self.state.global_step + 1} {self.state.max_steps} "
-                      f"{time.perf_counter() - self.created:.1f}", flush=True)
-                return loss
-
-        return (ReportingTrainer, *rest)
-
-    ft.make_trainer_class = with_progress
+    ft.FastTrainer = ReportingTrainer
 
 
 def progress(output):
@@ -200,6 +185,7 @@ def progress(output):
 def run_recipe(name, model, args):
     """Train with one recipe (in this process) and return its row of the table."""
     import torch
+    from transformers import AutoTokenizer
 
     settings, replacements = RECIPES[name]
     cfg = SimpleNamespace(**{c.lower(): getattr(ft, c) for c in ft.CONSTANTS})
@@ -213,11 +199,15 @@ def run_recipe(name, model, args):
     for function, replacement in replacements.items():
         setattr(ft, function, replacement)
     report_progress()
-    tokenizer = ft.load_tokenizer(model)
-    train_set, eval_set = ft.prepare_data(cfg, tokenizer)
-    pad_train, pad_eval = padding_efficiency(cfg, train_set["length"], eval_set["length"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def token_counts(reviews):
+        return [len(ids) for ids in tokenizer(list(reviews["text"]), truncation=True, max_length=cfg.max_length)["input_ids"]]
+
+    train_set, eval_set = ft.load_reviews(cfg)
+    pad_train, pad_eval = padding_efficiency(cfg, token_counts(train_set), token_counts(eval_set))
     with PeakMemory() as memory:
-        results = ft.train(cfg)
+        results = ft.fine_tune(cfg)
     from torch._dynamo.utils import counters
 
     return dict(

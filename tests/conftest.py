@@ -103,7 +103,7 @@ def reviews(tmp_path_factory):
 
 
 # Small, fast and learnable: what most tests train with. Tests add --output_dir and anything else.
-FAST = ["--max_length", "64", "--num_epochs", "2", "--learning_rate", "3e-3", "--batch_size", "8",
+FAST = ["--max_length", "64", "--num_epochs", "2", "--learning_rate", "1e-2", "--batch_size", "8",
         "--logging_steps", "10", "--save_steps", "0"]
 
 

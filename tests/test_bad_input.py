@@ -100,5 +100,5 @@ def test_an_output_dir_holding_other_files_is_not_replaced(tiny_model, reviews, 
 
 def test_sample_files_are_accepted_in_every_format(tmp_path):
     for fmt in ("parquet", "csv", "jsonl"):
-        data = fine_tune_lora.load_reviews(str(write_split_files(tmp_path / fmt, fmt, n_train=10, n_test=6)))
+        data = fine_tune_lora.read_reviews(str(write_split_files(tmp_path / fmt, fmt, n_train=10, n_test=6)))
         assert (len(data["train"]), len(data["test"])) == (10, 6)

@@ -153,7 +153,7 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp
                       "--full_output_dir", out, "--save_steps", "5")
     assert done.returncode == 1
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: The training loss became NaN or infinite at step ")
+    assert message.startswith("error: The training loss became NaN or infinite by step ")
     assert "Lower the learning rate" in message and "bf16" in message
     assert not (out / "model.safetensors").exists()
     assert not list(out.glob("checkpoints/checkpoint-*")), "no checkpoint of the broken model is written"

@@ -1,10 +1,10 @@
 """The speed-ups change how the work is done, never what is learned: checked here."""
 import random
+import types
 
 import pytest
 
 import fine_tune_lora
-from fine_tune_lora import LengthGroupedSampler
 
 
 def imdb_like_lengths(n, seed=0):
@@ -14,9 +14,50 @@ def imdb_like_lengths(n, seed=0):
 
 
 def epoch_order(lengths, seed, epoch, batch_size=8):
-    sampler = LengthGroupedSampler(lengths, batch_size, seed)
+    sampler = fine_tune_lora.length_grouped_sampler(lengths, batch_size, seed)
     sampler.set_epoch(epoch)
     return list(sampler)
+
+
+def settings(tiny_model, reviews, *args):
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews), *args])
+    return cfg
+
+
+def tokenized_reviews(cfg, tokenizer):
+    """The train and test sets as the lesson's step 3 makes them."""
+    train, test = fine_tune_lora.load_reviews(cfg)
+    tokenize = lambda batch: tokenizer(batch["text"], truncation=True, max_length=cfg.max_length)  # noqa: E731
+    return (train.map(tokenize, batched=True, remove_columns=["text"]),
+            test.map(tokenize, batched=True, remove_columns=["text"]))
+
+
+def lora_model(tiny_model, speed_ups=False):
+    """The tiny GPT-2 with a LoRA adapter, as the lesson's steps 1 and 2 make it; with the script's
+    speed-ups if asked."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2,
+                                                               pad_token_id=tokenizer.pad_token_id)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["c_attn"],
+                                             fan_in_fan_out=True))
+    if speed_ups:
+        cfg = fine_tune_lora.parse_args(["--precision", "fp32"])[0]
+        fine_tune_lora.speed_up(model, tokenizer, cfg, types.SimpleNamespace(precision="fp32", device="cpu"))
+    return model.eval(), tokenizer
+
+
+def trainer_for(model, tokenizer, tmp_path, train=None, test=None, **arguments):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                             seed=42, report_to="none", use_cpu=True, **arguments)
+    return fine_tune_lora.FastTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                                      processing_class=tokenizer, compute_metrics=fine_tune_lora.compute_metrics,
+                                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 1000, 1003])
@@ -62,20 +103,12 @@ def test_label_mix_in_a_batch_stays_random():
 def test_the_trainer_draws_its_batches_from_the_grouped_sampler(tiny_model, reviews, tmp_path):
     """The sampler the Trainer really uses: every training example once per epoch, batches ordered as tested above."""
     import torch
-    from transformers import DataCollatorWithPadding, TrainingArguments
 
-    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
-                                        "--max_length", "64"])
-    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
-    train, test = fine_tune_lora.prepare_data(cfg, tokenizer)
-    train = train.map(lambda row, i: {"input_ids": [i + 1] * row["length"]}, with_indices=True)  # id = index + 1
-    model = fine_tune_lora.load_model(cfg, tokenizer)
-    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, seed=42, report_to="none",
-                             use_cpu=True)
-    trainer = LoraTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                          data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
-    trainer.group_by_length = True
+    cfg = settings(tiny_model, reviews, "--max_length", "64")
+    model, tokenizer = lora_model(tiny_model)
+    train, _ = tokenized_reviews(cfg, tokenizer)
+    train = train.map(lambda row, i: {"input_ids": [i + 1] * len(row["input_ids"])}, with_indices=True)  # id = index + 1
+    trainer = trainer_for(model, tokenizer, tmp_path, train=train, train_sampling_strategy="group_by_length")
     loader = trainer.get_train_dataloader()
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -85,7 +118,7 @@ def test_the_trainer_draws_its_batches_from_the_grouped_sampler(tiny_model, revi
             seen += [int(row.max()) - 1 for row in ids]
             assert batch["input_ids"].shape[1] % 8 == 0
         assert sorted(seen) == list(range(len(train)))
-        assert seen == epoch_order(train["length"], 42, epoch)
+        assert seen == epoch_order(fine_tune_lora.token_counts(train), 42, epoch)
     assert torch.is_tensor(batch["labels"])
 
 
@@ -105,12 +138,6 @@ def test_both_cpu_precisions_learn_and_keep_the_trained_weights_in_fp32(tiny_mod
     assert read_results(out)["accuracy"] >= 0.9
 
 
-def load_lora_model(tiny_model):
-    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model)])
-    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
-    return fine_tune_lora.load_model(cfg, tokenizer).eval(), tokenizer
-
-
 def test_attention_without_the_mask_classifies_each_review_as_it_would_alone(tiny_model):
     """The script's attention ignores the padding mask (GPT-2 is causal and pads on the right):
     padding a review among longer ones must not change its logits, which must also be the ones
@@ -118,10 +145,12 @@ def test_attention_without_the_mask_classifies_each_review_as_it_would_alone(tin
     import torch
     from conftest import make_reviews
 
-    model, tokenizer = load_lora_model(tiny_model)
+    from transformers import DataCollatorWithPadding
+
+    model, tokenizer = lora_model(tiny_model)
     features = [tokenizer(text) for text in make_reviews(6, seed=3)[0]]
     assert len({len(f["input_ids"]) for f in features}) > 1  # so that most of them are padded
-    batch = fine_tune_lora.make_collator(tokenizer, 8)(features)
+    batch = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)(features)
     assert batch["input_ids"].shape[1] % 8 == 0
     with torch.no_grad():
         with_mask = model(**batch).logits
@@ -155,25 +184,18 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_model, reviews, t
         def on_step_begin(self, args, state, control, **kwargs):
             step[0] = state.global_step + 1
 
-    make_trainer_class = fine_tune_lora.make_trainer_class
+    class Numbered(fine_tune_lora.FastTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(StepNumber())
 
-    def with_step_numbers():
-        LoraTrainer, *others = make_trainer_class()
-
-        class Numbered(LoraTrainer):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.add_callback(StepNumber())
-
-        return (Numbered, *others)
-
-    monkeypatch.setattr(fine_tune_lora, "make_trainer_class", with_step_numbers)
+    monkeypatch.setattr(fine_tune_lora, "FastTrainer", Numbered)
     cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
                                         "--max_length", "40", "--max_train_samples", "48", "--max_eval_samples", "16",
                                         "--num_epochs", "2", "--output_dir", str(tmp_path / "out")])
     with CountReads():
-        fine_tune_lora.train(cfg)
-    # 6 steps per epoch; the Trainer evaluates (and the script looks at the loss) after steps 6 and 12
+        fine_tune_lora.fine_tune(cfg)
+    # 6 steps per epoch; the script looks at the loss and evaluates after steps 6 and 12
     assert sum(reads.values()) > 0  # reads do show up here
     assert {s: n for s, n in reads.items() if s not in (0, 6, 12)} == {}
 
@@ -182,12 +204,13 @@ def test_training_uses_pytorchs_fused_gelu_and_gets_gpt2s_results(tiny_model):
     """GPT-2's Python "gelu_new" is replaced by the one-kernel tanh GELU: same formula, same logits."""
     import torch
 
-    torch.manual_seed(0)
-    model, tokenizer = load_lora_model(tiny_model)
     torch.manual_seed(0)  # the new head `score` gets the same initial weights in both
-    original = fine_tune_lora.load_base_model(str(tiny_model), tokenizer).eval()
+    original, tokenizer = lora_model(tiny_model)
+    torch.manual_seed(0)
+    model, _ = lora_model(tiny_model, speed_ups=True)
     assert {type(m).__name__ for m in model.modules()} >= {"GELUTanh"}
     assert {type(m).__name__ for m in original.modules()} >= {"NewGELUActivation"}
+    assert "NewGELUActivation" not in {type(m).__name__ for m in model.modules()}
     batch = tokenizer(["a wonderful film . overall great", "dull"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, original(**batch).logits, rtol=1e-5, atol=1e-5)
@@ -210,14 +233,14 @@ def test_compiled_training_compiles_the_block_once_and_learns_the_same(tiny_mode
                                         "--max_length", "40", "--max_train_samples", "48", "--max_eval_samples", "24",
                                         "--num_epochs", "2", "--torch_compile", "--output_dir", str(tmp_path / "out")])
     try:
-        compiled = fine_tune_lora.train(cfg)
+        compiled = fine_tune_lora.fine_tune(cfg)
     finally:
         torch._dynamo.reset()
     assert compiled["config"]["torch_compile"] is True
     assert counters["stats"]["unique_graphs"] == 1
     # and the compiled steps compute what the plain ones do (with the eager backend, to the last bit)
     cfg.torch_compile, cfg.output_dir = False, str(tmp_path / "plain")
-    plain = fine_tune_lora.train(cfg)
+    plain = fine_tune_lora.fine_tune(cfg)
     assert compiled["train_loss"] == plain["train_loss"] and compiled["accuracy"] == plain["accuracy"]
 
 
@@ -229,14 +252,10 @@ def test_evaluation_runs_merged_and_training_gets_its_weights_back_exactly(tiny_
     import contextlib
 
     import torch
-    from transformers import TrainingArguments
 
-    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
-                                        "--max_length", "64"])
-    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
-    _, test = fine_tune_lora.prepare_data(cfg, tokenizer)
     torch.manual_seed(0)
-    model = fine_tune_lora.load_model(cfg, tokenizer)
+    model, tokenizer = lora_model(tiny_model)
+    _, test = tokenized_reviews(settings(tiny_model, reviews, "--max_length", "64"), tokenizer)
     with torch.no_grad():  # a trained-looking adapter: peft starts B at zero, which would merge to nothing
         for name, weight in model.named_parameters():
             if "lora_B" in name:
@@ -246,11 +265,7 @@ def test_evaluation_runs_merged_and_training_gets_its_weights_back_exactly(tiny_
     for name, module in model.named_modules():
         if name.endswith("lora_A.default"):
             module.register_forward_hook(lambda *_: adapter_products.append(1))
-    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to="none", use_cpu=True)
-    trainer = LoraTrainer(model=model, args=args, eval_dataset=test, processing_class=tokenizer,
-                          data_collator=fine_tune_lora.make_collator(tokenizer, 8),
-                          compute_metrics=fine_tune_lora.compute_metrics)
+    trainer = trainer_for(model, tokenizer, tmp_path, test=test)
 
     merged = trainer.evaluate()
     assert adapter_products == []
@@ -270,7 +285,7 @@ def test_the_classifier_keeps_no_key_value_cache(tiny_model, trained):
     import torch
 
     caches = {"cache", "past_key_values"}
-    model, tokenizer = load_lora_model(tiny_model)
+    model, tokenizer = lora_model(tiny_model, speed_ups=True)
     batch = tokenizer(["a wonderful film . overall great"], return_tensors="pt")
     with torch.no_grad():
         without = model(**batch)
@@ -285,27 +300,6 @@ def test_the_classifier_keeps_no_key_value_cache(tiny_model, trained):
         assert not caches & set(saved(**tokenizer(["dull"], return_tensors="pt")).keys())
 
 
-def test_the_trainers_tally_of_work_counts_the_weights_once(tiny_model, tmp_path, monkeypatch):
-    """The Trainer's `total_flos` (6 x tokens x weights) comes out as the Trainer computes it, but
-    the weights are counted once, not walked over again at every step."""
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    model, tokenizer = load_lora_model(tiny_model)
-    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = LoraTrainer(model=model, args=args, processing_class=tokenizer)
-    batches = [{"input_ids": torch.zeros(8, length, dtype=torch.long)} for length in (16, 64, 512, 64)]
-    expected = [Trainer.floating_point_ops(trainer, batch) for batch in batches]
-
-    gpt2 = model.get_base_model()
-    counts = []
-    count_weights = gpt2.num_parameters
-    monkeypatch.setattr(gpt2, "num_parameters", lambda **kwargs: counts.append(1) or count_weights(**kwargs))
-    assert [trainer.floating_point_ops(batch) for batch in batches] == expected
-    assert len(counts) == 1
-
-
 def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_14(tiny_model, reviews, tmp_path):
     """On a GPU the Trainer prepares batches in worker processes. On Windows, and on Linux from
     Python 3.14, those start as fresh processes ("spawn", "forkserver") and receive the collator
@@ -313,21 +307,14 @@ def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_1
     import multiprocessing
 
     import torch
-    from transformers import TrainingArguments
 
-    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
-                                        "--max_length", "64", "--max_train_samples", "48"])
-    tokenizer = fine_tune_lora.load_tokenizer(str(tiny_model))
-    train, _ = fine_tune_lora.prepare_data(cfg, tokenizer)
-    model = fine_tune_lora.load_model(cfg, tokenizer)
-    LoraTrainer = fine_tune_lora.make_trainer_class()[0]
+    cfg = settings(tiny_model, reviews, "--max_length", "64", "--max_train_samples", "48")
+    model, tokenizer = lora_model(tiny_model)
+    train, _ = tokenized_reviews(cfg, tokenizer)
 
     def batches(workers):
-        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, seed=42, report_to="none",
-                                 use_cpu=True, dataloader_num_workers=workers)
-        trainer = LoraTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                              data_collator=fine_tune_lora.make_collator(tokenizer, 8))
-        trainer.group_by_length = True
+        trainer = trainer_for(model, tokenizer, tmp_path, train=train, dataloader_num_workers=workers,
+                              train_sampling_strategy="group_by_length")
         return list(trainer.get_train_dataloader())
 
     previous = multiprocessing.get_start_method(allow_none=True)
@@ -370,7 +357,7 @@ def test_the_benchmark_prints_its_table_and_the_script_pads_far_less(tiny_model,
 
     report = tmp_path / "speed.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
-                           "--dataset", str(reviews), "--train_samples", "64", "--eval_samples", "64",
+                           "--dataset", str(reviews), "--train_samples", "240", "--eval_samples", "64",
                            "--max_length", "96", "--json", str(report)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
