@@ -34,8 +34,7 @@ from types import SimpleNamespace
 import datasets
 import pyarrow.compute
 import torch
-from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftConfig, get_peft_model
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from transformers import (AttentionInterface, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed)
@@ -329,8 +328,8 @@ def main(argv=None):
 
 
 # =============================================================================
-# Nothing below this line is needed to learn LoRA. It is what makes the script pleasant to run:
-# the command line, loading with clear errors, the speed-ups, reliability, the device, the results.
+# Nothing below this line is needed to learn LoRA: the command line, clear errors, the speed-ups,
+# resuming and safe saving, the device, and the results. README.md's "Under the hood" says why each is.
 # =============================================================================
 # command line: every constant becomes --lowercase_name, typed like its default
 
@@ -342,9 +341,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python {self.prog} --help lists every option)\n")
 
 def parse_args(argv):
-    parser = OneLineParser(prog=Path(__file__).name, description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           allow_abbrev=False)  # a mistyped flag is an error, not taken for another one
+    parser = OneLineParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,  # no guessed flags
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     # --help shows the comment after each constant: one place to document a setting.
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=.*?#\s*(.*)$", Path(__file__).read_text(), re.M))
     for name in CONSTANTS:
@@ -374,8 +372,7 @@ def parse_args(argv):
 
 def value_parser(name):
     """Turn a command-line string into a value of the constant's type, or fail with a clear sentence."""
-    # `int | None` at the top marks a constant that can also be none. Read the annotations from the
-    # module object, which works in every Python version (from 3.14 on they are evaluated lazily).
+    # `int | None` marks a constant that can be none. Read from the module: lazy from Python 3.14 on.
     optional = type(None) in getattr(typing.get_type_hints(sys.modules[__name__]).get(name), "__args__", ())
     kind = int if optional else type(globals()[name])
     words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -390,7 +387,6 @@ def value_parser(name):
         except (KeyError, ValueError):
             expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
             raise argparse.ArgumentTypeError(f"expects {expected}{' or none' * optional}, got {text!r}") from None
-
     return parse
 
 def check_config(cfg):
@@ -406,8 +402,7 @@ def check_config(cfg):
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     cfg.output_dir, cfg.full_output_dir = (d.rstrip("/\\") or d for d in (cfg.output_dir, cfg.full_output_dir))
-    # A local model folder is kept as an absolute path: the adapter records it as its base model, and
-    # --predict then finds it from any folder.
+    # A local model folder is kept as an absolute path: the adapter records it as its base model.
     if Path(cfg.model_name).expanduser().is_dir():
         cfg.model_name = str(Path(cfg.model_name).expanduser().resolve())
     elif looks_like_a_path(cfg.model_name):
@@ -422,8 +417,8 @@ def looks_like_a_path(name):
 
 @contextlib.contextmanager
 def loading(flag, name):
-    """Load quietly, and turn a failure into one sentence. Quietly: loading GPT-2 for classification
-    reports that its head `score` is newly initialized, as expected (GPT-2 has no sentiment head)."""
+    """Turn a failed load into one sentence, and keep quiet the expected note that GPT-2's new head
+    `score` is newly initialized."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -438,7 +433,6 @@ def loading(flag, name):
         hf_logging.set_verbosity(verbosity)
 
 def check_model_settings(cfg, model):
-    """Fail before training on a LoRA target the model does not have; cap MAX_LENGTH at what it can read."""
     layers = {name.split(".")[-1] for name, module in model.named_modules()
               if isinstance(module, (torch.nn.Linear, Conv1D)) and name != "score"}
     if (missing := [t for t in cfg.target_modules if t not in layers]) and not cfg.full_finetune:
@@ -479,51 +473,44 @@ def load_reviews(cfg):
     return splits
 
 def read_reviews(name):
-    """From the Hub, or a local folder in Stanford's aclImdb layout or with train.* and test.* files."""
+    """From the Hub, or a local folder: Stanford's aclImdb layout, or train.* and test.* files."""
     path = Path(name).expanduser()
-    if path.is_dir():
-        if all((path / split / kind).is_dir() for split in ("train", "test") for kind in ("pos", "neg")):
-            splits = {}  # aclImdb: one .txt per review; the folder name is the label
-            for split in ("train", "test"):
-                files = [(label, file) for label, kind in enumerate(("neg", "pos"))
-                         for file in sorted((path / split / kind).glob("*.txt"))]
-                splits[split] = datasets.Dataset.from_dict({
-                    "text": [file.read_text(encoding="utf-8", errors="replace") for _, file in files],
-                    "label": [label for label, _ in files]})
-            return datasets.DatasetDict(splits)
-        builders = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
-        files = {split: found[0] for split in ("train", "test")
-                 if (found := [f for f in sorted(path.glob(split + ".*")) if f.suffix in builders])}
-        if len(files) == 2 and builders[files["train"].suffix] == builders[files["test"].suffix]:
-            return datasets.load_dataset(builders[files["train"].suffix],
-                                         data_files={split: str(file) for split, file in files.items()})
+    if all((path / split / kind).is_dir() for split in ("train", "test") for kind in ("pos", "neg")):
+        splits = {}  # aclImdb: one .txt per review; the folder name is the label
+        for split in ("train", "test"):
+            files = [(label, file) for label, kind in enumerate(("neg", "pos"))
+                     for file in sorted((path / split / kind).glob("*.txt"))]
+            splits[split] = datasets.Dataset.from_dict({
+                "text": [file.read_text(encoding="utf-8", errors="replace") for _, file in files],
+                "label": [label for label, _ in files]})
+        return datasets.DatasetDict(splits)
+    if path.is_dir() and not (any(path.glob("train.*")) and any(path.glob("test.*"))):
         raise UserError(
             f"--dataset_name {name}: the folder holds neither the aclImdb layout (train/pos, train/neg, test/pos, "
             f"test/neg) nor train.* and test.* files in one format (parquet, csv or jsonl); add them or point elsewhere")
-    if path.exists() or looks_like_a_path(name):
+    if not path.is_dir() and (path.exists() or looks_like_a_path(name)):
         raise UserError(f"--dataset_name {name}: no such folder; give an existing folder or a Hub id such as imdb")
-    with loading("--dataset_name", name):
-        return datasets.load_dataset(name)
+    with loading("--dataset_name", name):  # datasets reads train.* and test.* files by their names
+        return datasets.load_dataset(str(path) if path.is_dir() else name)
 
 
 # -----------------------------------------------------------------------------
 # speed: each changes how the training is computed, not what (tested); measured in benchmarks/README.md
 
 def speed_up(model, tokenizer, cfg, run):
-    # GPT-2 returns a copy of every layer's keys and values, ready to generate text token by token. A
-    # classifier never generates: the copies only cost time and memory.
-    model.config.use_cache = False
+    model.config.use_cache = False  # no copies of every layer's keys and values: a classifier never generates
     model.config.problem_type = "single_label_classification"  # spares a check of the labels at every step
-    for module in list(model.modules()):
+    for module in list(model.modules()):  # GPT-2's GELU, eight operations in Python, as one PyTorch kernel
         for name, child in module.named_children():
-            # GPT-2's activation "gelu_new" is eight tensor operations in Python, four of whose results
-            # autograd keeps; PyTorch's gelu(approximate="tanh") is the same formula in one kernel.
             if isinstance(child, NewGELUActivation):
                 setattr(module, name, GELUTanh())
-    attend_without_the_padding_mask(model, tokenizer)
+    if model.config.model_type == "gpt2" and tokenizer.padding_side == "right":
+        # GPT-2 attends only to earlier tokens and pads after the text: no real token sees a pad, so the
+        # mask changes nothing (tested). Under a name of our own, transformers does not prepare one.
+        AttentionInterface.register("sdpa_without_mask", sdpa_attention_forward)
+        model.set_attn_implementation("sdpa_without_mask")
     if run.precision in ("bf16", "fp16") and not cfg.full_finetune:
-        # Under autocast every product casts its fp32 weight to 16 bits, at every step. For the frozen
-        # layers, do it once: the same products, half the memory. What is trained stays in fp32.
+        # Autocast casts every frozen weight to 16 bits at every step; do it once (same products).
         for name, module in model.named_modules():
             if isinstance(module, (torch.nn.Linear, Conv1D)) and "score" not in name and not any(
                     p.requires_grad for p in module.parameters()):
@@ -531,77 +518,42 @@ def speed_up(model, tokenizer, cfg, run):
     if cfg.torch_compile:
         compile_for_speed(model, run.device)
 
-def attend_without_the_padding_mask(model, tokenizer):
-    """GPT-2 attends only to earlier tokens and the padding comes last, so no real token sees it: the
-    mask changes nothing (tested). Without it, attention is PyTorch's causal kernel alone, and under a
-    name of our own transformers does not prepare it (which reads back from the GPU at every step)."""
-    if model.config.model_type == "gpt2" and tokenizer.padding_side == "right":  # elsewhere the mask matters
-        AttentionInterface.register("sdpa_without_mask", sdpa_attention_forward)
-        model.set_attn_implementation("sdpa_without_mask")
-
 def compile_for_speed(model, device, cuda_graphs=True):
-    """Fuse the many small kernels of each transformer block (all share the compiled code) and, on a
-    GPU, replay them as CUDA graphs: at batch 8, launching kernels is what a GPU step waits for."""
-    # Frozen embeddings would give the first block an input needing no gradient, unlike the others':
-    # the block would be compiled twice. One small extra product saves that.
-    model.enable_input_require_grads()
+    """Compile the transformer block (all share the code) and, on a GPU, replay it as CUDA graphs."""
+    model.enable_input_require_grads()  # or the first block, fed by frozen embeddings, compiles apart
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     for block in blocks:
         block.compile(dynamic=True, mode="reduce-overhead" if device == "cuda" and cuda_graphs else "default")
-
-@contextlib.contextmanager
-def adapter_merged(model):
-    """Evaluate with W + (alpha / r) * B @ A folded into each adapted layer (one product instead of
-    three); the weights are put back after bit for bit, which subtracting the merge would not do."""
-    if not isinstance(model, PeftModel):  # full fine-tuning: nothing to merge
-        yield
-        return
-    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
-    originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-        for layer, weight in zip(layers, originals):
-            layer.get_base_layer().weight.data.copy_(weight)  # in place: compiled code keeps its pointers
 
 def token_counts(dataset):
     return pyarrow.compute.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
 
 def length_grouped_sampler(lengths, batch_size, seed):
-    """Shuffled, then sorted by length within groups of 50 batches, the longest batch first (memory runs
-    out at step 1, not an hour in). Not transformers' LengthGroupedSampler: it draws from the global
-    random generator, so a resumed run would batch differently; this one is seeded by seed + epoch.
-    One replica: accelerate shares the batches out between processes."""
+    """Shuffled, then sorted by length within groups of 50 batches, the longest batch first. Not
+    transformers' LengthGroupedSampler, which draws from the global random generator: a resumed run
+    would batch differently. This one is seeded by seed + epoch; accelerate shares out its batches."""
     return DistributedLengthGroupedSampler(batch_size, lengths=lengths, num_replicas=1, rank=0, seed=seed)
 
 def hardware_arguments(cfg, run):
     gpu = run.device == "cuda"
     return dict(
-        bf16=run.precision == "bf16",
-        fp16=run.precision == "fp16",
+        bf16=run.precision == "bf16", fp16=run.precision == "fp16",
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         # On a GPU a big evaluation batch keeps it busy; on a CPU it only thrashes the caches.
         per_device_eval_batch_size=cfg.eval_batch_size or (64 if gpu else cfg.batch_size),
-        # The Trainer would look at every step's loss for a NaN, making the CPU wait for the GPU, and
-        # hide it in the logged average; Watch stops at the next logged loss instead.
+        # The Trainer would check every step's loss, making the CPU wait for the GPU, and hide a NaN in
+        # the logged average; Watch stops at the next logged loss instead.
         logging_nan_inf_filter=False,
-        # Worker processes prepare the next batches while the GPU computes, copied to it without waiting
-        # (from pinned memory, which is safe). On a CPU they would only compete for the same cores.
-        dataloader_num_workers=2 if gpu else 0,
-        dataloader_persistent_workers=gpu,
-        dataloader_pin_memory=gpu,
-        accelerator_config={"non_blocking": gpu},
+        # Workers prepare the next batches while the GPU computes (on a CPU they would compete with it).
+        dataloader_num_workers=2 if gpu else 0, dataloader_persistent_workers=gpu, dataloader_pin_memory=gpu,
+        accelerator_config={"non_blocking": gpu},  # copies to the GPU from pinned memory need no wait
         # Under torchrun without GPUs the processes talk over gloo; say so, or each would train alone.
-        use_cpu=run.device == "cpu",
-        ddp_backend="gloo" if run.device == "cpu" and run.world > 1 else None,
+        use_cpu=run.device == "cpu", ddp_backend="gloo" if run.device == "cpu" and run.world > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient at every step
     )
 
 class FastTrainer(Trainer):
-    """transformers' Trainer, computing the same training faster: batches of similar lengths, and the
-    test set in order of length, with the adapter merged."""
+    """transformers' Trainer, with batches of similar lengths and the test set in order of length."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -614,20 +566,16 @@ class FastTrainer(Trainer):
         return length_grouped_sampler(token_counts(self.train_dataset), self.args.per_device_train_batch_size,
                                       self.args.seed)
 
-    def _get_eval_sampler(self, eval_dataset):
-        # Any order gives the same metrics; in order of length, each batch is almost free of padding.
+    def _get_eval_sampler(self, eval_dataset):  # any order gives the same metrics
         return sorted(range(len(eval_dataset)), key=token_counts(eval_dataset).__getitem__)
 
     def evaluate(self, *args, **kwargs):
-        # Evaluating draws from the random generator (a DataLoader takes a seed); put it back, so that a
-        # resumed run goes on exactly as an uninterrupted one. Compiled blocks would compile again.
-        with torch.random.fork_rng(devices=[]), torch.compiler.set_stance("force_eager"), \
-                adapter_merged(self.model):
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again without gradients
             return super().evaluate(*args, **kwargs)
 
 class Watch(TrainerCallback):
-    """Times each epoch; stops on a NaN or infinite loss before a checkpoint of it is saved; skips the
-    evaluation after the last epoch (the lesson's step 5 does that one)."""
+    """Times each epoch; stops on a NaN or infinite loss before it is saved; skips the evaluation
+    after the last epoch (the lesson's step 5 does that one)."""
 
     def __init__(self, trainer):
         self.trainer, self.started = trainer, None
@@ -643,8 +591,8 @@ class Watch(TrainerCallback):
         self.on_step_end(args, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
-        # The loss is read when it is logged (it was averaged on the device since the last log): log
-        # before each evaluation and checkpoint, which the Trainer does after logging.
+        # The loss is read only when logged (until then it is summed on the device): log before each
+        # evaluation and checkpoint, which the Trainer does after logging.
         control.should_log = control.should_log or control.should_evaluate or control.should_save
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -658,9 +606,8 @@ class Watch(TrainerCallback):
 # reliability: resume, clean stops, safe saves
 
 def prepare_run(cfg):
-    """Where the run saves, whether it resumes, and on what it runs; fails now if it could not save."""
     out_dir = Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
-    check_output_dir(out_dir)
+    check_output_dir(out_dir)  # fail now, not after training, if the results could not be saved
     checkpoints = out_dir / "checkpoints"
     resume_from = find_resume_checkpoint(cfg, checkpoints)
     if not resume_from and checkpoints.exists() and is_main_process():
@@ -672,7 +619,6 @@ def prepare_run(cfg):
                            device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")))
 
 def check_output_dir(out_dir):
-    """Fail before training, not after it, if the results could not be saved."""
     out = Path(out_dir)
     if not out.exists():  # a crash between save_atomically's two renames leaves the old folder hidden
         for old in sorted(out.parent.glob(f".{out.name}.old-*"))[:1]:
@@ -693,8 +639,8 @@ def check_output_dir(out_dir):
                         f"choose a folder you can write to") from None
 
 def save_atomically(out_dir, write):
-    """Write a folder next to `out_dir`, then swap it in: a crash leaves the old folder or the new
-    one, never a half-written one."""
+    """Write a folder beside `out_dir`, then swap it in: a crash leaves the old folder or the new one,
+    never a half-written one."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -713,12 +659,10 @@ def save_atomically(out_dir, write):
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
-def last_complete_checkpoint(folder):
-    """The newest checkpoint that was written to the end (the Trainer writes trainer_state.json last)."""
+def last_complete_checkpoint(folder):  # the Trainer writes trainer_state.json last
     found = [p for p in Path(folder).glob("checkpoint-*")
              if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
     return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
-
 
 # The settings that must match for a checkpoint to be resumed (not the speed or output ones).
 RUN_SETTINGS = ["model_name", "dataset_name", "max_length", "max_train_samples", "lora_r", "lora_alpha", "lora_dropout",
@@ -737,13 +681,11 @@ def find_resume_checkpoint(cfg, folder):
 
 @contextlib.contextmanager
 def stopping_cleanly(cfg, run, trainer):
-    """Train so that an interruption costs little: the settings go beside the checkpoints (a rerun
-    resumes only with the same ones), and Ctrl-C, a kill (SIGTERM) or a NaN loss end with one
-    sentence instead of a traceback."""
+    """Write the settings beside the checkpoints (a rerun resumes only with the same ones), and end
+    Ctrl-C, a kill (SIGTERM) or a NaN loss with one sentence instead of a traceback."""
     if trainer.is_world_process_zero():
         Path(run.checkpoints).mkdir(parents=True, exist_ok=True)
-        settings = {name: getattr(cfg, name) for name in RUN_SETTINGS}
-        (Path(run.checkpoints) / "run_settings.json").write_text(json.dumps(settings, indent=2))
+        (Path(run.checkpoints) / "run_settings.json").write_text(json.dumps({n: getattr(cfg, n) for n in RUN_SETTINGS}))
     if run.resume_from:
         print(f"Resuming from {run.resume_from} (step {run.resume_from.split('-')[-1]}); "
               f"pass --resume false to start over")
@@ -754,10 +696,8 @@ def stopping_cleanly(cfg, run, trainer):
         yield
     except (KeyboardInterrupt, UserError) as error:
         for callback in trainer.callback_handler.callbacks:  # close the progress bars: the message gets its line
-            for bar in ("prediction_bar", "training_bar"):
-                if getattr(callback, bar, None) is not None:
-                    getattr(callback, bar).close()
-                    setattr(callback, bar, None)
+            for bar in filter(None, (getattr(callback, "prediction_bar", None), getattr(callback, "training_bar", None))):
+                bar.close()
         if isinstance(error, UserError):
             raise
         checkpoint = last_complete_checkpoint(run.checkpoints)
@@ -771,22 +711,20 @@ def stopping_cleanly(cfg, run, trainer):
 # -----------------------------------------------------------------------------
 # device and precision
 
-def is_main_process():
-    """Under torchrun every process runs this file; only the first one prints and writes files."""
+def is_main_process():  # under torchrun every process runs this file; the first one prints and saves
     return int(os.environ.get("RANK", "0")) == 0
 
 def pick_device_and_precision(cfg):
     if torch.cuda.is_available():
         # bf16 has fp32's range, so it needs no loss scaling. GPUs before Ampere (a T4, a V100) only
-        # have fp16: bf16 there is emulated, slowly, and torch counts that as support unless told not to.
+        # emulate bf16, slowly, and torch counts that as support unless told not to: fp16 there.
         device, name = "cuda", torch.cuda.get_device_name()
         auto = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     elif torch.backends.mps.is_available():
         device, name, auto = "mps", "Apple GPU", "fp32"
     else:
-        # CPUs with bf16 arithmetic (AVX512-BF16: Intel since Cooper Lake, AMD since Zen 4) train faster
-        # in bf16; elsewhere bf16 is emulated and far slower than fp32 (pytorch/pytorch issue 146508).
-        # torch has no public test for it yet, hence the fallback.
+        # CPUs with bf16 arithmetic (AVX512-BF16) train faster in bf16; elsewhere bf16 is emulated and
+        # far slower than fp32 (pytorch/pytorch issue 146508). torch has no public test for it yet.
         native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         device, name, auto = "cpu", "CPU", "bf16" if native_bf16 else "fp32"
     precision = auto if cfg.precision == "auto" else cfg.precision
@@ -799,7 +737,6 @@ def pick_device_and_precision(cfg):
     return device, name, precision
 
 def describe_run(cfg, run, trainer):
-    """Print what is about to happen, once; on a CPU also how long it will take, from one timed step."""
     n_train, n_test = len(trainer.train_dataset), len(trainer.eval_dataset)
     per_step = cfg.batch_size * run.world * cfg.gradient_accumulation_steps  # reviews per optimizer update
     steps = math.ceil(n_train / per_step)
@@ -815,47 +752,38 @@ def describe_run(cfg, run, trainer):
     if run.device != "cpu" or run.resume_from:
         return
     step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
-    # Suggest a quick run, unless this one is no bigger than that already.
     quick = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256}
-    this_run = {"max_train_samples": n_train, "max_eval_samples": n_test, "num_epochs": cfg.num_epochs,
-                "max_length": cfg.max_length}
-    hint = " For a quick run:" + "".join(f" --{k} {v}" for k, v in quick.items())
-    total = (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
-             else f"{seconds / 3600:.1f} h")
+    bigger = n_train > 2000 or n_test > 500 or cfg.num_epochs > 1 or cfg.max_length > 256  # than a quick run
+    total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
     print(f"No GPU found: training runs on the CPU. One step takes "
-          f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs "
-          f"roughly {total}.{hint if any(this_run[k] > v for k, v in quick.items()) else ''}")
+          f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs roughly "
+          f"{total}.{' For a quick run:' + ''.join(f' --{k} {v}' for k, v in quick.items()) if bigger else ''}")
 
 def estimate_cpu_time(cfg, run, trainer):
-    """Time one real training step on reviews of median length, and scale it up: rough, but measured."""
-    train, model = trainer.train_dataset, trainer.model
-    lengths = token_counts(train)
-    by_length = sorted(range(len(train)), key=lengths.__getitem__)
-    rows = by_length[max(0, len(train) // 2 - cfg.batch_size // 2):][:cfg.batch_size]
-    batch = trainer.data_collator([train[i] for i in rows])
+    """Time one real training step on reviews of average length, and scale it up: rough, but measured."""
+    train, model, lengths = trainer.train_dataset, trainer.model, token_counts(trainer.train_dataset)
+    mean = sum(lengths) / len(lengths)
+    typical = sorted(range(len(train)), key=lambda i: abs(lengths[i] - mean))
+    batch = trainer.data_collator([train[i] for i in typical[:cfg.batch_size]])
     model.train()
-
-    def step(inputs):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.precision == "bf16"):
-            model(**inputs).loss.backward()
-
     # Uncompiled, and with the random generator put back after: training's dropout draws as it would have.
     with torch.random.fork_rng(devices=[]), torch.compiler.set_stance("force_eager"):
-        step({k: v[:1, :16] if v.dim() == 2 else v[:1] for k, v in batch.items()})  # a first step is always slower
-        started = time.perf_counter()
-        step(batch)
-        seconds = time.perf_counter() - started
+        for _ in range(2):  # the first step of a new shape is slower: time the second
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+                loss = model(**batch).loss
+            loss.backward()
+    seconds = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
     steps = math.ceil(len(train) / cfg.batch_size / run.world) * cfg.num_epochs
     # An evaluation step needs no backward pass: about a third of a training step per review.
-    return seconds, steps * seconds + cfg.num_epochs * len(trainer.eval_dataset) * seconds / len(rows) / 3
+    return seconds, steps * seconds + cfg.num_epochs * len(trainer.eval_dataset) * seconds / len(batch["labels"]) / 3
 
 
 # -----------------------------------------------------------------------------
 # results: results.json, the summary after training, the --compare table
 
 def collect_results(cfg, run, trainer, trained, metrics):
-    """What results.json holds: the metrics, the model's size, what the run cost, and its settings."""
     model, seconds, n_train = trainer.model, sum(trainer.epoch_seconds), len(trainer.train_dataset)
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     try:
@@ -867,13 +795,9 @@ def collect_results(cfg, run, trainer, trained, metrics):
     return {
         "method": "full" if cfg.full_finetune else "lora",
         **{k: metrics[f"eval_{k}"] for k in ("accuracy", "f1", "precision", "recall", "confusion_matrix")},
-        "eval_loss": metrics["eval_loss"],
-        "train_loss": trained.training_loss,
-        "trainable_params": trainable,
-        "all_params": total,
-        "trainable_percent": 100 * trainable / total,
-        "train_samples": n_train,
-        "eval_samples": len(trainer.eval_dataset),
+        "eval_loss": metrics["eval_loss"], "train_loss": trained.training_loss,
+        "trainable_params": trainable, "all_params": total, "trainable_percent": 100 * trainable / total,
+        "train_samples": n_train, "eval_samples": len(trainer.eval_dataset),
         "train_seconds": seconds,  # time in training steps, without the evaluations
         "epoch_seconds": trainer.epoch_seconds,  # the first includes warm-up (and compiling, if on)
         # A resumed run cannot say how fast the whole of it was.
@@ -881,9 +805,7 @@ def collect_results(cfg, run, trainer, trained, metrics):
         "eval_samples_per_second": metrics.get("eval_samples_per_second"),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if run.device == "cuda" else None,
         "peak_process_memory_gb": peak,
-        "device": run.device_name,
-        "training_precision": run.precision,
-        "processes": run.world,
+        "device": run.device_name, "training_precision": run.precision, "processes": run.world,
         "config": vars(cfg),
         **({"resumed_from_step": int(run.resume_from.split("-")[-1])} if run.resume_from else {}),
     }
@@ -893,7 +815,6 @@ def save_results(folder, results):
     weights = folder / ("adapter_model.safetensors" if results["method"] == "lora" else "model.safetensors")
     results["adapter_size_mb"] = weights.stat().st_size / 1e6
     (folder / "results.json").write_text(json.dumps(results, indent=2))
-
 
 # name, the field of results.json that the ratio compares, and how the value is written
 RESULT_ROWS = [
@@ -925,12 +846,13 @@ def print_summary(results, out_dir):
 def comparison_table(results):
     lora, full = results["lora"], results["full"]
     cfg = lora["config"]
-    lines = [f"{lora['device']}, {lora['training_precision']}; model {cfg['model_name']}; {lora['train_samples']:,} "
+    lines = [f"{lora['device']}, {lora['training_precision']}; model {Path(cfg['model_name']).name}; {lora['train_samples']:,} "
              f"train / {lora['eval_samples']:,} eval reviews, {cfg['num_epochs']} epoch(s), batch {cfg['batch_size']}, "
              f"max length {cfg['max_length']}", "",
              "| | LoRA | full fine-tuning | full / LoRA |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {' | '.join(cells)} | {ratio} |" for name, cells, ratio in result_rows([lora, full])]
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ learning rate, schedule, MAX_LENGTH), and one table compares them.
 
 The naive recipe is the usual tutorial's: fp32, every review padded to MAX_LENGTH, batches in random
 order, the attention mask, GPT-2's own (Python) GELU and key/value cache, evaluation at the training
-batch size with the adapter unmerged, no compilation. The script's recipe is its defaults.
+batch size, no compilation. The script's recipe is its defaults.
 Training speed is taken from the last epoch, after warm-up (and compilation); the first epoch's time
 is shown too. If the GPT-2 checkpoint cannot be loaded, the same architecture with random weights
 stands in (pass --tokenizer if the Hub is unreachable): compute per token, speed and memory are the
@@ -16,7 +16,6 @@ real ones, accuracy is meaningless and is not shown. On a CPU a smaller model an
 the padding and overhead ratios are the point there, not the absolute speed.
 """
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -39,12 +38,6 @@ def no_speed_ups(model, tokenizer, cfg, run):
     attention mask prepared at every step and used, every weight in fp32."""
 
 
-@contextlib.contextmanager
-def adapter_unmerged(model):
-    """Evaluation as the Trainer does it: the adapter's layers run as they do in training."""
-    yield
-
-
 def compile_whole_model(model, device, cuda_graphs=True):
     """The alternative to compiling each transformer block: the whole forward pass as one graph
     (one CUDA graph on a GPU), at the price of a longer compilation."""
@@ -53,8 +46,8 @@ def compile_whole_model(model, device, cuda_graphs=True):
 
 # The naive recipe is the script without any of its speed-ups: GPT-2's own Python GELU, the
 # key/value cache, the attention mask, fp32, every review padded to MAX_LENGTH, random batches,
-# eval batch 8, evaluation with the adapter unmerged.
-UNDO_SPEED_UPS = dict(speed_up=no_speed_ups, adapter_merged=adapter_unmerged)
+# eval batch 8.
+UNDO_SPEED_UPS = dict(speed_up=no_speed_ups)
 
 # name: (settings over the script's defaults, replacements for functions of the script)
 RECIPES = {

@@ -118,6 +118,20 @@ def run_script(*args, cwd=None, timeout=600, env=None):
                           cwd=cwd, timeout=timeout, env=full_env)
 
 
+def run_main(capsys, *args):
+    """The real entry point, in this process: a fresh one would spend seconds importing the libraries
+    again. Returns what run_script does: returncode, stdout, stderr."""
+    import fine_tune_lora
+
+    capsys.readouterr()
+    try:
+        status = fine_tune_lora.main([str(a) for a in args])
+    except SystemExit as exit_:  # argparse exits by itself (--help, a bad flag)
+        status = exit_.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, captured.out, captured.err)
+
+
 def read_results(folder):
     return json.loads((Path(folder) / "results.json").read_text())
 

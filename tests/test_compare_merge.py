@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import base_args, read_results, run_script
+from conftest import base_args, read_results, run_main, run_script
 
 TEXTS = ["the film was wonderful . overall superb", "dull wooden acting . overall awful",
          "the camera and the music . overall", "a scene with a dog . overall loved"]
@@ -20,7 +20,7 @@ def predictions_table(stdout):
     return rows
 
 
-def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp_path):
+def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp_path, capsys):
     out = tmp_path / "full"
     done = run_script(*base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e-3",
                       "--full_output_dir", out, "--output_dir", tmp_path / "unused")
@@ -38,7 +38,7 @@ def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp
     loaded = subprocess.run([sys.executable, "-c", code, str(out), json.dumps(TEXTS)], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     probabilities = json.loads(loaded.stdout.strip().splitlines()[-1])
-    printed = run_script("--full_finetune", "--full_output_dir", out, "--predict", *TEXTS)
+    printed = run_main(capsys, "--full_finetune", "--full_output_dir", out, "--predict", *TEXTS)
     for (label, shown, *_), p in zip(predictions_table(printed.stdout), probabilities):
         assert label == ("positive" if p[1] > p[0] else "negative")
         assert float(shown) == pytest.approx(max(p), abs=6e-4)
@@ -65,13 +65,13 @@ def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, 
     assert results["full"]["adapter_size_mb"] > 10 * results["lora"]["adapter_size_mb"]
 
 
-def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path):
+def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path, capsys):
     first, _ = trained
     second = tmp_path / "second"
     done = run_script(*base_args(tiny_model, reviews), "--lora_r", "4", "--lora_alpha", "8", "--target_modules",
                       "c_attn", "c_proj", "--seed", "7", "--output_dir", second)
     assert done.returncode == 0, done.stderr[-2000:]
-    both = run_script("--predict", *TEXTS, "--adapters", first, second)
+    both = run_main(capsys, "--predict", *TEXTS, "--adapters", first, second)
     assert both.returncode == 0, both.stderr[-2000:]
     header = both.stdout.splitlines()[0].split()
     assert header[:2] == [first.name, second.name]
@@ -79,13 +79,13 @@ def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path)
     assert len(rows) == len(TEXTS) and all(len(r) >= 4 for r in rows)
     # each column is exactly what that adapter gives when loaded on its own
     for column, folder in ((0, first), (2, second)):
-        alone = predictions_table(run_script("--output_dir", folder, "--predict", *TEXTS).stdout)
+        alone = predictions_table(run_main(capsys, "--output_dir", folder, "--predict", *TEXTS).stdout)
         assert [r[column:column + 2] for r in rows] == [a[:2] for a in alone]
     # and the two adapters, whose weights differ, do not give the same probabilities
     assert [r[1] for r in rows] != [r[3] for r in rows]
 
 
-def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path):
+def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path, capsys):
     import shutil
 
     import torch
@@ -96,7 +96,7 @@ def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path):
     adapter, _ = trained
     source = tmp_path / "adapter"
     shutil.copytree(adapter, source)
-    done = run_script("--output_dir", source, "--merge")
+    done = run_main(capsys, "--output_dir", source, "--merge")
     assert done.returncode == 0, done.stderr[-2000:]
     merged_dir = tmp_path / "adapter-merged"
     reported = float(done.stdout.split("texts:")[-1].split()[0])

@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, SCRIPT, base_args, read_results, run_script
+from conftest import SCRIPT, base_args, read_results, run_main, run_script
 
 # Long enough to be interrupted: 6 epochs x 30 steps, a checkpoint every 10 steps.
 LONG = ["--num_epochs", "6", "--save_steps", "10"]
@@ -130,7 +130,7 @@ def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
     assert (out / "adapter_model.safetensors").exists()
 
 
-def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path):
+def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path, capsys):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -143,7 +143,7 @@ def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path):
     assert sum(map(sum, results["confusion_matrix"])) == 120  # metrics over the whole eval set
     assert results["accuracy"] >= 0.9
     assert done.stdout.count("Found 240 train") == 1 and done.stdout.count("\naccuracy") == 1  # one process speaks
-    predicted = run_script("--output_dir", out, "--predict", "a superb film . overall wonderful")
+    predicted = run_main(capsys, "--output_dir", out, "--predict", "a superb film . overall wonderful")
     assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].startswith("positive")
 
 
@@ -159,11 +159,11 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp
     assert not list(out.glob("checkpoints/checkpoint-*")), "no checkpoint of the broken model is written"
 
 
-def test_predict_survives_any_text(trained):
+def test_predict_survives_any_text(trained, capsys):
     out, _ = trained
     texts = ["", "   ", "x" * 100_000, "😀 émotion 日本語 ünïcödé film . overall superb", "\x00\x07 control\tchars\n\r",
              "overall awful"]
-    done = run_script("--output_dir", out, "--predict", *[t.replace("\x00", "") for t in texts])
+    done = run_main(capsys, "--output_dir", out, "--predict", *[t.replace("\x00", "") for t in texts])
     assert done.returncode == 0, done.stderr[-2000:]
     rows = done.stdout.splitlines()[1:]
     assert rows[0].startswith("skipped") and rows[1].startswith("skipped")

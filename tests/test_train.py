@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (FAST, SCRIPT, TINY_TRAINABLE, base_args, make_reviews, read_results, run_script,
+from conftest import (TINY_TRAINABLE, base_args, make_reviews, read_results, run_main,
                       write_acl_imdb, write_split_files)
 
 RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
@@ -34,9 +34,9 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     assert "attention_mask" not in done.stdout + done.stderr
 
 
-def test_predict_prints_a_label_and_probability_per_text(trained):
+def test_predict_prints_a_label_and_probability_per_text(trained, capsys):
     out, _ = trained
-    done = run_script("--output_dir", out, "--predict", "the film was wonderful . overall superb",
+    done = run_main(capsys, "--output_dir", out, "--predict", "the film was wonderful . overall superb",
                       "dull wooden acting . overall awful")
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
@@ -63,7 +63,7 @@ with torch.no_grad():
 """
 
 
-def test_reloading_in_a_fresh_process_gives_the_same_predictions(trained):
+def test_reloading_in_a_fresh_process_gives_the_same_predictions(trained, capsys):
     out, _ = trained
     texts = ["the film was wonderful . overall superb", "dull wooden acting . overall awful", "the plot . overall"]
     done = subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(texts)], capture_output=True, text=True)
@@ -71,7 +71,7 @@ def test_reloading_in_a_fresh_process_gives_the_same_predictions(trained):
     auto, manual = json.loads(done.stdout.strip().splitlines()[-1])
     flat = [p for row in auto for p in row]
     assert flat == pytest.approx([p for row in manual for p in row], abs=1e-6)  # the two ways agree
-    predicted = run_script("--output_dir", out, "--predict", *texts)
+    predicted = run_main(capsys, "--output_dir", out, "--predict", *texts)
     for row, probabilities in zip(predicted.stdout.splitlines()[1:], auto):
         label, shown = row.split()[:2]
         expected = max(range(2), key=lambda i: probabilities[i])
@@ -94,19 +94,19 @@ def test_reloaded_adapter_reproduces_the_reported_accuracy(trained, reviews):
 
 
 @pytest.mark.parametrize("layout", ["aclImdb", "csv", "jsonl"])
-def test_each_local_data_layout_trains(tiny_model, tmp_path, layout):
+def test_each_local_data_layout_trains(tiny_model, tmp_path, layout, capsys):
     data = tmp_path / "data"
     if layout == "aclImdb":
         write_acl_imdb(data, n_train=64, n_test=32)
     else:
         write_split_files(data, layout, n_train=64, n_test=32)
-    done = run_script(*base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
+    done = run_main(capsys, *base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Found 64 train and 32 test reviews" in done.stdout
     assert read_results(tmp_path / "out")["eval_samples"] == 32
 
 
-def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path):
+def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path, capsys):
     """IMDB is sorted by label: the first N rows would all be negative."""
     data = tmp_path / "sorted"
     data.mkdir()
@@ -116,7 +116,7 @@ def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path):
         texts, labels = make_reviews(n, seed=5)
         frame = pd.DataFrame({"text": texts, "label": labels}).sort_values("label")
         frame.to_parquet(data / f"{split}.parquet")
-    done = run_script(*base_args(tiny_model, data), "--num_epochs", "1", "--max_train_samples", "64",
+    done = run_main(capsys, *base_args(tiny_model, data), "--num_epochs", "1", "--max_train_samples", "64",
                       "--max_eval_samples", "40", "--output_dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     # a run this small is quick already: the estimate comes without the advice to make it quicker
@@ -126,20 +126,20 @@ def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path):
     assert negatives + positives == 40 and min(negatives, positives) >= 10
 
 
-def test_empty_reviews_are_dropped_and_counted(tiny_model, tmp_path):
+def test_empty_reviews_are_dropped_and_counted(tiny_model, tmp_path, capsys):
     import pandas as pd
 
     data = write_split_files(tmp_path / "data", "parquet", n_train=64, n_test=32)
     frame = pd.read_parquet(data / "train.parquet")
     frame.loc[[3, 10, 20], "text"] = ["", "   ", "\n\t"]
     frame.to_parquet(data / "train.parquet")
-    done = run_script(*base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
+    done = run_main(capsys, *base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Dropped 3 empty or whitespace-only train reviews" in done.stdout
     assert read_results(tmp_path / "out")["train_samples"] == 61
 
 
-def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews, tmp_path, monkeypatch):
+def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews, tmp_path, monkeypatch, capsys):
     import fine_tune_lora
 
     from_flag, _ = fine_tune_lora.parse_args(["--lora_r", "4", "--target_modules", "c_attn", "c_proj",
@@ -153,16 +153,17 @@ def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews
     assert from_flag.lora_r == 4 and from_flag.max_train_samples is None and from_flag.full_finetune is True
 
     # and the flag really changes the model that is trained: r = 4 on c_attn only
-    done = run_script(*base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "16",
+    monkeypatch.undo()
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "16",
                       "--lora_r", "4", "--output_dir", tmp_path / "r4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_results(tmp_path / "r4")["trainable_params"] == 2 * 4 * (64 + 192) + 64 * 2
 
 
-def test_help_lists_every_constant_with_default_and_comment():
+def test_help_lists_every_constant_with_default_and_comment(capsys):
     import fine_tune_lora
 
-    done = run_script("--help")
+    done = run_main(capsys, "--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     for name in fine_tune_lora.CONSTANTS:
@@ -171,8 +172,8 @@ def test_help_lists_every_constant_with_default_and_comment():
     assert "(default: ['c_attn'])" in text
 
 
-def test_a_max_length_beyond_the_model_is_capped_with_a_note(tiny_model, reviews, tmp_path):
-    done = run_script(*base_args(tiny_model, reviews), "--max_length", "512", "--num_epochs", "1",
+def test_a_max_length_beyond_the_model_is_capped_with_a_note(tiny_model, reviews, tmp_path, capsys):
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--max_length", "512", "--num_epochs", "1",
                       "--max_train_samples", "32", "--max_eval_samples", "16", "--output_dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "MAX_LENGTH 512 is more than this model can read; using its maximum, 256" in done.stdout
