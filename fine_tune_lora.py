@@ -16,26 +16,34 @@ The lesson is fine_tune(), in six numbered steps; nothing below the fence is nee
 """
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import typing
+import urllib.parse
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback (main() takes over after)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: Stopped while loading the libraries; nothing was done."))
+
 import datasets
+import huggingface_hub
 import pyarrow.compute
 import torch
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftConfig, get_peft_model
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from tqdm.std import tqdm
 from transformers import (AttentionInterface, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed)
 from transformers.activations import GELUTanh, NewGELUActivation
@@ -45,7 +53,8 @@ from transformers.trainer_pt_utils import DistributedLengthGroupedSampler
 from transformers.utils import logging as hf_logging
 
 # Two deprecation notices raised inside the libraries themselves, not by anything this script does.
-warnings.filterwarnings("ignore", message=".*(null_placement|is_gradient_checkpointing).*")
+KNOWN_LIBRARY_WARNINGS = ".*(null_placement|is_gradient_checkpointing).*"
+warnings.filterwarnings("ignore", message=KNOWN_LIBRARY_WARNINGS)
 
 
 # -----------------------------------------------------------------------------
@@ -84,8 +93,9 @@ EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so ro
 TORCH_COMPILE = False  # True: torch.compile each transformer block (CUDA graphs on a GPU); experimental
 # reliability
 RESUME = True  # an interrupted run continues from its last checkpoint when started again with the same settings
-SAVE_STEPS = 500  # checkpoint every this many steps (0 = at the end of each epoch)
-SAVE_TOTAL_LIMIT = 2  # checkpoints kept; a full fine-tuning checkpoint is ~1.5 GB with its optimizer state
+SAVE_STEPS = 100  # checkpoint every this many steps (LoRA's are ~4 MB; full fine-tuning's ~1.5 GB, so 10x fewer)
+SAVE_MINUTES = 10  # and whenever this many minutes pass without one, so that a slow run always has a recent one
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept; an interrupted run resumes from the last one
 LOGGING_STEPS = 50  # print the training loss every this many steps
 # -----------------------------------------------------------------------------
 
@@ -150,10 +160,8 @@ def fine_tune(cfg):
         # weights themselves, and wants steps about ten times smaller than a new adapter does.
         learning_rate=cfg.full_learning_rate if cfg.full_finetune else cfg.learning_rate,
         eval_strategy="epoch",  # accuracy on the test reviews after every epoch
-        save_strategy="steps" if cfg.save_steps else "epoch",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
+        **checkpoint_arguments(cfg),  # a checkpoint every SAVE_STEPS steps, the last SAVE_TOTAL_LIMIT kept
         seed=cfg.seed,
         report_to="none",
         **hardware_arguments(cfg, run),  # precision, data loading and evaluation batches, several processes
@@ -214,6 +222,8 @@ def load_saved_model(folder):
         raise UserError(f"{folder} {'holds no saved adapter or model' if folder.exists() else 'does not exist'}; "
                         f"train one first (python {Path(__file__).name}) or point --output_dir at the folder you "
                         f"trained into")
+    if (folder / "adapter_config.json").exists():
+        check_hub_reachable(PeftConfig.from_pretrained(folder).base_model_name_or_path)
     with loading("--output_dir", folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if (folder / "adapter_config.json").exists():
@@ -311,8 +321,12 @@ def compare(cfg, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Ctrl-C, or a kill (SIGTERM), at any moment: one line saying what is kept, never a traceback.
+    handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cfg = args = None
     try:
         cfg, args = parse_args(argv)
+        quiet_libraries()
         if args.predict:
             predict(cfg, args.predict, args.adapters)
         elif args.merge:
@@ -321,9 +335,14 @@ def main(argv=None):
             compare(cfg, argv)
         else:
             fine_tune(cfg)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+    except (UserError, KeyboardInterrupt) as error:
+        for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
+            bar.close()
+        print(f"error: {error if isinstance(error, UserError) else stopped(cfg, args)}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -358,10 +377,14 @@ def parse_args(argv):
     actions.add_argument("--adapters", nargs="+", metavar="DIR",
                          help="with --predict: load one base model, add each adapter folder, classify with each in turn")
     actions.add_argument("--merge", action="store_true",
-                         help="fold the adapter in OUTPUT_DIR into the base weights and save a plain model to OUTPUT_DIR-merged")
+                         help="fold the adapter in OUTPUT_DIR into the base weights, save a plain model in OUTPUT_DIR-merged")
     actions.add_argument("--compare", action="store_true",
                          help="train with LoRA, then fully, on the same data; write comparison.md and comparison.json")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse lists them; say which flag was probably meant too
+        flags = [a for action in parser._actions for a in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=")[0].replace("-", "_").replace("__", "--", 1), flags, 1)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {guess[0]}?" if guess else ""))
     if args.adapters and not args.predict:
         parser.error("--adapters goes with --predict: add --predict followed by the texts to classify")
     if sum(bool(x) for x in (args.predict, args.merge, args.compare)) > 1:
@@ -397,8 +420,8 @@ def check_config(cfg):
             raise UserError(f"--{name} must be greater than 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
-    if cfg.save_steps < 0 or cfg.save_total_limit < 1:
-        raise UserError("--save_steps must be 0 or more and --save_total_limit at least 1")
+    if min(cfg.save_steps, cfg.save_minutes) < 0 or cfg.save_total_limit < 1:
+        raise UserError("--save_steps and --save_minutes must be 0 or more, and --save_total_limit at least 1")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     cfg.output_dir, cfg.full_output_dir = (d.rstrip("/\\") or d for d in (cfg.output_dir, cfg.full_output_dir))
@@ -406,14 +429,40 @@ def check_config(cfg):
     if Path(cfg.model_name).expanduser().is_dir():
         cfg.model_name = str(Path(cfg.model_name).expanduser().resolve())
     elif looks_like_a_path(cfg.model_name):
-        raise UserError(f"--model_name {cfg.model_name}: no such folder; give an existing folder or a Hub id such as gpt2")
+        problem = "that is a file" if Path(cfg.model_name).is_file() else "no such folder"
+        raise UserError(f"--model_name {cfg.model_name}: {problem}; give a folder holding config.json and the "
+                        f"weights (as save_pretrained writes it), or a Hub id such as gpt2")
 
-def looks_like_a_path(name):
-    return name.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) is not None
+def looks_like_a_path(name):  # such a name is never sent to the Hub
+    return (name.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) is not None
+            or Path(name).suffix.lower() in (".csv", ".parquet", ".json", ".jsonl", ".txt", ".tsv", ".safetensors", ".bin")
+            or Path(name).expanduser().is_file())
 
 
 # -----------------------------------------------------------------------------
 # loading, local data folders, checks
+
+def quiet_libraries():
+    if hasattr(sys.stdout, "reconfigure"):  # into a file or a pipe too, each line as soon as it is printed
+        sys.stdout.reconfigure(line_buffering=True)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: chatter, for a model already on disk
+    if not sys.stderr.isatty():  # in a file, every redraw of a progress bar would be a line of its own
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+def check_hub_reachable(*names):
+    """Without a network the libraries retry for a minute before failing: find out in seconds."""
+    names = [name for name in names if not Path(name).expanduser().exists() and not looks_like_a_path(name)]
+    proxy = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not names or huggingface_hub.constants.HF_HUB_OFFLINE or proxy:  # (a proxy is the libraries' business)
+        return
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"cannot reach the Hugging Face Hub at {url.netloc} ({error.strerror or error}) to load "
+                        f"{' and '.join(names)}; set HF_HUB_OFFLINE=1 to use files downloaded before, or pass local "
+                        f"folders (README: Running offline)") from None
 
 @contextlib.contextmanager
 def loading(flag, name):
@@ -488,8 +537,10 @@ def read_reviews(name):
         raise UserError(
             f"--dataset_name {name}: the folder holds neither the aclImdb layout (train/pos, train/neg, test/pos, "
             f"test/neg) nor train.* and test.* files in one format (parquet, csv or jsonl); add them or point elsewhere")
-    if not path.is_dir() and (path.exists() or looks_like_a_path(name)):
-        raise UserError(f"--dataset_name {name}: no such folder; give an existing folder or a Hub id such as imdb")
+    if not path.is_dir() and looks_like_a_path(name):
+        raise UserError(f"--dataset_name {name}: {'that is a file' if path.is_file() else 'no such folder'}; give a "
+                        f"folder holding train.* and test.* files (parquet, csv or jsonl) or the aclImdb layout, or a "
+                        f"Hub id such as imdb")
     with loading("--dataset_name", name):  # datasets reads train.* and test.* files by their names
         return datasets.load_dataset(str(path) if path.is_dir() else name)
 
@@ -547,6 +598,7 @@ def hardware_arguments(cfg, run):
         # Workers prepare the next batches while the GPU computes (on a CPU they would compete with it).
         dataloader_num_workers=2 if gpu else 0, dataloader_persistent_workers=gpu, dataloader_pin_memory=gpu,
         accelerator_config={"non_blocking": gpu},  # copies to the GPU from pinned memory need no wait
+        disable_tqdm=not sys.stderr.isatty(),  # in a file, plain lines: every redraw of a bar would be one
         # Under torchrun without GPUs the processes talk over gloo; say so, or each would train alone.
         use_cpu=run.device == "cpu", ddp_backend="gloo" if run.device == "cpu" and run.world > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient at every step
@@ -554,11 +606,6 @@ def hardware_arguments(cfg, run):
 
 class FastTrainer(Trainer):
     """transformers' Trainer, with batches of similar lengths and the test set in order of length."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.epoch_seconds = []
-        self.add_callback(Watch(self))
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -574,11 +621,12 @@ class FastTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
 class Watch(TrainerCallback):
-    """Times each epoch; stops on a NaN or infinite loss before it is saved; skips the evaluation
-    after the last epoch (the lesson's step 5 does that one)."""
+    """Times each epoch; saves a checkpoint when SAVE_MINUTES pass without one; stops on a NaN or
+    infinite loss before it is saved; skips the evaluation after the last epoch (step 5 does it)."""
 
-    def __init__(self, trainer):
-        self.trainer, self.started = trainer, None
+    def __init__(self, trainer, save_seconds):
+        self.trainer, self.save_seconds, self.started, self.saved = trainer, save_seconds, None, time.monotonic()
+        trainer.epoch_seconds = []
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
@@ -591,9 +639,14 @@ class Watch(TrainerCallback):
         self.on_step_end(args, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = control.should_save or 0 < self.save_seconds < time.monotonic() - self.saved
         # The loss is read only when logged (until then it is summed on the device): log before each
-        # evaluation and checkpoint, which the Trainer does after logging.
-        control.should_log = control.should_log or control.should_evaluate or control.should_save
+        # evaluation and checkpoint, which the Trainer does after logging, and at the last step.
+        control.should_log = control.should_log or control.should_evaluate or control.should_save or (
+            state.global_step >= state.max_steps)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not math.isfinite(logs.get("loss", 0.0)):
@@ -606,6 +659,7 @@ class Watch(TrainerCallback):
 # reliability: resume, clean stops, safe saves
 
 def prepare_run(cfg):
+    check_hub_reachable(cfg.model_name, cfg.dataset_name)
     out_dir = Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
     check_output_dir(out_dir)  # fail now, not after training, if the results could not be saved
     checkpoints = out_dir / "checkpoints"
@@ -681,8 +735,8 @@ def find_resume_checkpoint(cfg, folder):
 
 @contextlib.contextmanager
 def stopping_cleanly(cfg, run, trainer):
-    """Write the settings beside the checkpoints (a rerun resumes only with the same ones), and end
-    Ctrl-C, a kill (SIGTERM) or a NaN loss with one sentence instead of a traceback."""
+    """Write the settings beside the checkpoints (a rerun resumes only with the same ones), watch the
+    training, and turn Ctrl-C or a kill into one line saying what a rerun will do."""
     if trainer.is_world_process_zero():
         Path(run.checkpoints).mkdir(parents=True, exist_ok=True)
         (Path(run.checkpoints) / "run_settings.json").write_text(json.dumps({n: getattr(cfg, n) for n in RUN_SETTINGS}))
@@ -691,21 +745,31 @@ def stopping_cleanly(cfg, run, trainer):
               f"pass --resume false to start over")
     if run.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops like Ctrl-C
+    trainer.add_callback(Watch(trainer, save_seconds=60 * cfg.save_minutes))
     try:
         yield
-    except (KeyboardInterrupt, UserError) as error:
-        for callback in trainer.callback_handler.callbacks:  # close the progress bars: the message gets its line
-            for bar in filter(None, (getattr(callback, "prediction_bar", None), getattr(callback, "training_bar", None))):
-                bar.close()
-        if isinstance(error, UserError):
-            raise
+    except KeyboardInterrupt:
         checkpoint = last_complete_checkpoint(run.checkpoints)
-        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
-        raise UserError(f"Training stopped at step {trainer.state.global_step}; {where}. Run the same command "
-                        f"again to resume") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        raise UserError(f"Training stopped at step {trainer.state.global_step}; " + (
+            f"the last checkpoint is {checkpoint}: run the same command again to resume from it" if checkpoint
+            else "no checkpoint was saved yet, so the same command starts over")) from None
+
+def stopped(cfg, args):
+    """The line after a Ctrl-C outside training. Saves are atomic: only checkpoints can be left."""
+    if cfg is None or args.predict or args.merge or args.compare:
+        return "Stopped; nothing was left half-written."
+    try:
+        checkpoint = find_resume_checkpoint(cfg, Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
+                                            / "checkpoints")
+    except UserError:  # another run's
+        checkpoint = None
+    return f"Stopped; the last checkpoint is {checkpoint}: run the same command again to resume from it" if (
+        checkpoint) else "Stopped before this run saved a checkpoint: the same command starts over."
+
+def checkpoint_arguments(cfg):
+    # A LoRA checkpoint is a few MB; a full fine-tuning one ~1.5 GB (the weights and AdamW's state).
+    steps = cfg.save_steps * (10 if cfg.full_finetune else 1)
+    return dict(save_strategy="steps" if steps else "epoch", save_steps=steps or 1, save_total_limit=cfg.save_total_limit)
 
 
 # -----------------------------------------------------------------------------
@@ -754,7 +818,8 @@ def describe_run(cfg, run, trainer):
     step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
     quick = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256}
     bigger = n_train > 2000 or n_test > 500 or cfg.num_epochs > 1 or cfg.max_length > 256  # than a quick run
-    total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
     print(f"No GPU found: training runs on the CPU. One step takes "
           f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs roughly "
           f"{total}.{' For a quick run:' + ''.join(f' --{k} {v}' for k, v in quick.items()) if bigger else ''}")
@@ -785,6 +850,8 @@ def estimate_cpu_time(cfg, run, trainer):
 
 def collect_results(cfg, run, trainer, trained, metrics):
     model, seconds, n_train = trainer.model, sum(trainer.epoch_seconds), len(trainer.train_dataset)
+    logs = [(log["loss"], log["step"]) for log in trainer.state.log_history if "loss" in log]
+    logged = [(loss, step - before) for (loss, step), (_, before) in zip(logs, [(0, 0)] + logs)]  # (loss, steps)
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     try:
         import resource  # not on Windows
@@ -795,12 +862,13 @@ def collect_results(cfg, run, trainer, trained, metrics):
     return {
         "method": "full" if cfg.full_finetune else "lora",
         **{k: metrics[f"eval_{k}"] for k in ("accuracy", "f1", "precision", "recall", "confusion_matrix")},
-        "eval_loss": metrics["eval_loss"], "train_loss": trained.training_loss,
+        # The whole run's, from the logged losses: the Trainer's training_loss covers only the steps since a resume.
+        "eval_loss": metrics["eval_loss"], "train_loss": sum(loss * n for loss, n in logged) / sum(n for _, n in logged),
         "trainable_params": trainable, "all_params": total, "trainable_percent": 100 * trainable / total,
         "train_samples": n_train, "eval_samples": len(trainer.eval_dataset),
-        "train_seconds": seconds,  # time in training steps, without the evaluations
+        # Time in training steps, without the evaluations; a resumed run cannot say it for the whole run.
+        "train_seconds": None if run.resume_from else seconds,
         "epoch_seconds": trainer.epoch_seconds,  # the first includes warm-up (and compiling, if on)
-        # A resumed run cannot say how fast the whole of it was.
         "train_samples_per_second": None if run.resume_from else n_train * cfg.num_epochs / seconds,
         "eval_samples_per_second": metrics.get("eval_samples_per_second"),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if run.device == "cuda" else None,
@@ -827,7 +895,8 @@ RESULT_ROWS = [
     ("peak process memory", "peak_process_memory_gb", "{peak_process_memory_gb:.2f} GB"),
     ("saved weights on disk", "adapter_size_mb", "{adapter_size_mb:.2f} MB"),
 ]
-MISSING = {"train_samples_per_second": "n/a (resumed)", "peak_gpu_memory_gb": "n/a (no GPU)"}
+MISSING = {"train_seconds": "n/a (resumed)", "train_samples_per_second": "n/a (resumed)",
+           "peak_gpu_memory_gb": "n/a (no GPU)"}
 
 def result_rows(runs):
     """(name, one cell per run, last run / first run): the summary's rows, and the --compare table's."""
@@ -846,9 +915,9 @@ def print_summary(results, out_dir):
 def comparison_table(results):
     lora, full = results["lora"], results["full"]
     cfg = lora["config"]
-    lines = [f"{lora['device']}, {lora['training_precision']}; model {Path(cfg['model_name']).name}; {lora['train_samples']:,} "
-             f"train / {lora['eval_samples']:,} eval reviews, {cfg['num_epochs']} epoch(s), batch {cfg['batch_size']}, "
-             f"max length {cfg['max_length']}", "",
+    lines = [f"{lora['device']}, {lora['training_precision']}; model {Path(cfg['model_name']).name}; "
+             f"{lora['train_samples']:,} train / {lora['eval_samples']:,} eval reviews, {cfg['num_epochs']} epoch(s), "
+             f"batch {cfg['batch_size']}, max length {cfg['max_length']}", "",
              "| | LoRA | full fine-tuning | full / LoRA |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {' | '.join(cells)} | {ratio} |" for name, cells, ratio in result_rows([lora, full])]
     return "\n".join(lines)

@@ -18,6 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+def pytest_configure(config):
+    """The library warnings the script itself silences (deprecations inside the libraries) stay silent here too."""
+    import fine_tune_lora
+
+    config.addinivalue_line("filterwarnings", f"ignore:{fine_tune_lora.KNOWN_LIBRARY_WARNINGS}")
+
+
 POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "delightful", "excellent", "loved"]
 NEGATIVE = ["awful", "boring", "terrible", "dull", "wooden", "tedious", "dreadful", "hated"]
 NEUTRAL = ("the film plot actor scene story director camera music ending script cast character "

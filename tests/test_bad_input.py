@@ -48,6 +48,10 @@ CASES = {
     "unknown flag": (lambda tmp: ["--lora_rank", "8"], ["unrecognized arguments: --lora_rank"]),
     "negative sample count": (lambda tmp: ["--max_train_samples", "-5"], ["--max_train_samples", "-5"]),
     "missing model folder": (lambda tmp: ["--model_name", tmp / "no-model"], ["--model_name", "no such folder"]),
+    "a file for the data": (lambda tmp: ["--dataset_name", (tmp / "reviews.csv").write_text("text,label\n") and
+                                         tmp / "reviews.csv"], ["that is a file", "give a folder holding train.*"]),
+    "a file name for the data": (lambda tmp: ["--dataset_name", "imdb.csv"], ["imdb.csv: no such folder", "folder"]),
+    "a mistyped flag": (lambda tmp: ["--lora-r", "4"], ["--lora-r", "did you mean --lora_r?"]),
     "fp16 without a GPU": (lambda tmp: ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU", "use auto"]),
 }
 

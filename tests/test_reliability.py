@@ -43,7 +43,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_
     code, log = interrupt_after([*args, "--output_dir", out], checkpoints / "checkpoint-20", signal.SIGINT,
                                 tmp_path / "first.log")
     assert code == 1 and "Traceback" not in log
-    assert "Run the same command again to resume" in log
+    assert "run the same command again to resume" in log
     # killed outright, later in the run
     with open(tmp_path / "second.log", "w") as log_file:
         process = start([*args, "--output_dir", out], log_file)
@@ -60,7 +60,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_
     assert "Resuming from" in resumed.stdout and "(step 70)" in resumed.stdout
     a, b = read_results(tmp_path / "reference"), read_results(out)
     assert a["accuracy"] == b["accuracy"]
-    assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
+    assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4 and abs(a["train_loss"] - b["train_loss"]) < 1e-4
     assert_same_adapter(tmp_path / "reference", out, tolerance=1e-5)
 
 
@@ -169,3 +169,98 @@ def test_predict_survives_any_text(trained, capsys):
     assert rows[0].startswith("skipped") and rows[1].startswith("skipped")
     assert all(r.split()[0] in ("positive", "negative") for r in rows[2:6])
     assert "Skipped 2 empty or whitespace-only text(s)." in done.stdout
+
+
+# Runs the real entry point in a real process, paused at one phase until the test presses Ctrl-C.
+PAUSED_AT = """
+import sys, time
+import fine_tune_lora as ft
+
+def pause(phase):
+    print("PAUSED", phase)  # (not flushed: the script prints a line at a time even into a pipe)
+    time.sleep(120)  # until the test sends Ctrl-C
+
+phase = sys.argv[1]
+if phase == "loading":
+    load = ft.AutoModelForSequenceClassification.from_pretrained
+    ft.AutoModelForSequenceClassification.from_pretrained = lambda *a, **k: pause(phase) or load(*a, **k)
+elif phase == "estimate":
+    estimate = ft.estimate_cpu_time
+    ft.estimate_cpu_time = lambda *a: pause(phase) or estimate(*a)
+elif phase == "training":
+    step = ft.FastTrainer.training_step
+    ft.FastTrainer.training_step = lambda self, *a, **k: (self.state.global_step == 3 and pause(phase)) or step(
+        self, *a, **k)
+elif phase == "evaluation":
+    predict = ft.FastTrainer.prediction_step
+    ft.FastTrainer.prediction_step = lambda self, *a, **k: pause(phase) or predict(self, *a, **k)
+sys.exit(ft.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("phase, says", [
+    ("loading", "Stopped before this run saved a checkpoint: the same command starts over."),
+    ("estimate", "Stopped before this run saved a checkpoint: the same command starts over."),
+    ("training", "Training stopped at step 3; the last checkpoint is "),
+    ("evaluation", "Stopped; the last checkpoint is "),  # after training, which saves a last checkpoint
+])
+def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says, tiny_model, reviews, tmp_path):
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_AT, phase, *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith("PAUSED"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "Traceback" not in stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], stderr[-2000:]
+    assert lines[-1].startswith("error: " + says), lines[-1]
+    assert not (out / "results.json").exists()
+    rerun = run_script(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # the promise holds: a rerun resumes exactly when the message said it would
+    assert ("Resuming from" in rerun.stdout) == ("checkpoint is" in says)
+
+
+def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_runs_figures(tiny_model, reviews,
+                                                                                          tmp_path):
+    """About 250 LoRA steps with the default checkpoint settings: a checkpoint exists before the run
+    ends, and a run interrupted there and resumed reports the uninterrupted run's train_loss."""
+    args = ["--model_name", tiny_model, "--dataset_name", reviews, "--max_length", "64", "--learning_rate", "1e-2",
+            "--num_epochs", "8"]  # 8 epochs x 30 steps
+    reference = run_script(*args, "--output_dir", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "out"
+    with open(tmp_path / "log", "w") as log:
+        process = start([*args, "--output_dir", out], log)
+        while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+            assert process.poll() is None, "the run ended without a checkpoint"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert "the last checkpoint is" in (tmp_path / "log").read_text()
+    resumed = run_script(*args, "--output_dir", out)
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr[-2000:]
+    whole, again = read_results(tmp_path / "reference"), read_results(out)
+    assert again["resumed_from_step"] >= 100
+    assert abs(whole["train_loss"] - again["train_loss"]) < 1e-4
+    assert again["train_seconds"] is None and whole["train_seconds"] > 0  # only the uninterrupted run can say
+
+
+def test_without_the_hub_the_error_comes_in_seconds_and_names_the_fix(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") or k == "HF_HOME"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", PYTHONUNBUFFERED="1")  # a closed port: no network
+    started = time.time()
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", tmp_path / "out"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert time.time() - started < 10
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and "HF_HUB_OFFLINE=1" in message[0] and "Running offline" in message[0], message

@@ -32,6 +32,8 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     assert re.search(r"^accuracy\s+0\.9\d+$", done.stdout, re.M)
     # the attention mask is left out on purpose (exact for GPT-2, tested): no warning about it
     assert "attention_mask" not in done.stdout + done.stderr
+    # written to a file (as here), the output is plain lines: no progress bars redrawn, no escape codes
+    assert [mark for mark in ("\r", "\x1b", "it/s]", "Loading weights") if mark in done.stdout + done.stderr] == []
 
 
 def test_predict_prints_a_label_and_probability_per_text(trained, capsys):
