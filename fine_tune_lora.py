@@ -432,6 +432,10 @@ def check_config(cfg):
         problem = "that is a file" if Path(cfg.model_name).is_file() else "no such folder"
         raise UserError(f"--model_name {cfg.model_name}: {problem}; give a folder holding config.json and the "
                         f"weights (as save_pretrained writes it), or a Hub id such as gpt2")
+    if looks_like_a_path(cfg.dataset_name) and not Path(cfg.dataset_name).expanduser().is_dir():
+        problem = "that is a file" if Path(cfg.dataset_name).expanduser().is_file() else "no such folder"
+        raise UserError(f"--dataset_name {cfg.dataset_name}: {problem}; give a folder holding train.* and test.* "
+                        f"files (parquet, csv or jsonl) or the aclImdb layout, or a Hub id such as imdb")
 
 def looks_like_a_path(name):  # such a name is never sent to the Hub
     return (name.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) is not None
@@ -477,7 +481,7 @@ def loading(flag, name):
     except Exception as error:  # offline, a typo in the name, a folder without weights...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UserError(f"{flag} {name}: could not load it ({reason}); check the name and your connection, "
-                        f"or pass a local folder") from None
+                        f"or pass a local folder (README: Running offline)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -537,10 +541,6 @@ def read_reviews(name):
         raise UserError(
             f"--dataset_name {name}: the folder holds neither the aclImdb layout (train/pos, train/neg, test/pos, "
             f"test/neg) nor train.* and test.* files in one format (parquet, csv or jsonl); add them or point elsewhere")
-    if not path.is_dir() and looks_like_a_path(name):
-        raise UserError(f"--dataset_name {name}: {'that is a file' if path.is_file() else 'no such folder'}; give a "
-                        f"folder holding train.* and test.* files (parquet, csv or jsonl) or the aclImdb layout, or a "
-                        f"Hub id such as imdb")
     with loading("--dataset_name", name):  # datasets reads train.* and test.* files by their names
         return datasets.load_dataset(str(path) if path.is_dir() else name)
 
