@@ -41,6 +41,9 @@ import datasets
 import huggingface_hub
 import pyarrow.compute
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftConfig, get_peft_model
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.std import tqdm
@@ -97,6 +100,7 @@ SAVE_STEPS = 100  # checkpoint every this many steps (LoRA's are ~4 MB; full fin
 SAVE_MINUTES = 10  # and whenever this many minutes pass without one, so that a slow run always has a recent one
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept; an interrupted run resumes from the last one
 LOGGING_STEPS = 50  # print the training loss every this many steps
+REPORT_TO = "none"  # also send the logs to a tracker: "tensorboard" (pip install tensorboard), "wandb", "trackio"...
 # -----------------------------------------------------------------------------
 
 CONSTANTS = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
@@ -133,7 +137,7 @@ def fine_tune(cfg):
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules,  # c_attn computes each block's queries, keys and values
-            fan_in_fan_out=True,  # GPT-2's layers are Conv1D, which store W transposed compared with nn.Linear
+            fan_in_fan_out=is_conv1d(model, cfg.target_modules),  # GPT-2's Conv1D layers store W transposed
         )
         model = get_peft_model(model, lora_config)  # freezes GPT-2: only A, B and `score` are trained
         # GPT-2 small, r = 8 on c_attn: 12 blocks x 8 x (768 + 2,304) + 768 x 2 for `score` = 296,448
@@ -163,7 +167,7 @@ def fine_tune(cfg):
         logging_steps=cfg.logging_steps,
         **checkpoint_arguments(cfg),  # a checkpoint every SAVE_STEPS steps, the last SAVE_TOTAL_LIMIT kept
         seed=cfg.seed,
-        report_to="none",
+        report_to=cfg.report_to,  # "none", or a tracker that shows the curves live
         **hardware_arguments(cfg, run),  # precision, data loading and evaluation batches, several processes
     )
     trainer = FastTrainer(  # transformers' Trainer, with the speed-ups defined below the fence
@@ -189,7 +193,7 @@ def fine_tune(cfg):
         def save(folder):
             model.save_pretrained(folder)  # LoRA: only the adapter and `score`, 1.2 MB for GPT-2 small
             tokenizer.save_pretrained(folder)
-            save_results(folder, results)
+            save_results(folder, results, trainer)  # results.json, a model card, the training curves
 
         save_atomically(run.out_dir, save)  # never a half-written folder; the checkpoints go with the old one
         print_summary(results, run.out_dir)
@@ -202,13 +206,15 @@ def compute_metrics(eval_prediction):
     labels, predictions = eval_prediction.label_ids, eval_prediction.predictions.argmax(axis=-1)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary",
                                                                zero_division=0)
+    (true_negatives, false_positives), (false_negatives, true_positives) = confusion_matrix(labels, predictions,
+                                                                                           labels=[0, 1])
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
         "f1": float(f1),
         "precision": float(precision),
         "recall": float(recall),
-        # rows: true negative, true positive; columns: predicted negative, predicted positive
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=[0, 1]).tolist(),
+        "true_negatives": int(true_negatives), "false_positives": int(false_positives),
+        "false_negatives": int(false_negatives), "true_positives": int(true_positives),
     }
 
 
@@ -227,12 +233,15 @@ def load_saved_model(folder):
     with loading("--output_dir", folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if (folder / "adapter_config.json").exists():
-            # The base model named in adapter_config.json, then the adapter and `score` on top.
-            model = AutoPeftModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+            # The base model named in adapter_config.json, then the adapter and `score` on top. The base
+            # model's config knows nothing of this task: its labels and pad token are given here.
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                folder, dtype=torch.float32, id2label=dict(enumerate(LABELS)), pad_token_id=tokenizer.pad_token_id,
+                label2id={label: i for i, label in enumerate(LABELS)})
         else:
             model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id  # the base model's config does not know it
+    model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # a classifier needs no copies of the keys and values (see speed_up)
     return model.eval(), tokenizer
 
@@ -292,7 +301,15 @@ def merge(cfg):
     # W + (alpha / r) * B @ A is computed once and written into W: the result is a plain GPT-2 with
     # no adapter layers, as fast as the base model, but a full copy of the weights for every task.
     merged = model.merge_and_unload()
-    save_atomically(target, lambda folder: (merged.save_pretrained(folder), tokenizer.save_pretrained(folder)))
+    results = json.loads((source / "results.json").read_text()) if (source / "results.json").exists() else None
+
+    def save(folder):
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if results:  # the same weights, so the adapter's results
+            write_model_card(folder, target.name, results, merged_from=source.name)
+
+    save_atomically(target, save)
     reloaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
     difference = (before - classify(reloaded, tokenizer, texts, cfg.max_length)).abs().max().item()
     size = (target / "model.safetensors").stat().st_size / 1e6
@@ -316,7 +333,9 @@ def compare(cfg, argv):
     table = comparison_table(results)
     Path("comparison.md").write_text(table + "\n")
     Path("comparison.json").write_text(json.dumps(results, indent=2))
-    print("\n" + table + "\n\nWritten to comparison.md and comparison.json")
+    plot_curves({name: json.loads((Path(folder) / "log_history.json").read_text()) for name, folder in
+                 (("LoRA", cfg.output_dir), ("full fine-tuning", cfg.full_output_dir))}, Path("comparison.png"))
+    print("\n" + table + "\n\nWritten to comparison.md, comparison.json and comparison.png")
     return results
 
 def main(argv=None):
@@ -494,6 +513,9 @@ def check_model_settings(cfg, model):
     if cfg.max_length > (limit := model.config.max_position_embeddings):
         print(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {limit}")
         cfg.max_length = limit
+
+def is_conv1d(model, names):  # GPT-2's layers; most other models use nn.Linear
+    return any(isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in names)
 
 def load_reviews(cfg):
     """The train and test reviews (`text`; `label`, 0 = negative), checked, without empty ones, and a
@@ -861,10 +883,14 @@ def collect_results(cfg, run, trainer, trained, metrics):
         peak = None
     return {
         "method": "full" if cfg.full_finetune else "lora",
-        **{k: metrics[f"eval_{k}"] for k in ("accuracy", "f1", "precision", "recall", "confusion_matrix")},
+        **{k: metrics[f"eval_{k}"] for k in ("accuracy", "f1", "precision", "recall")},
+        # rows: true negative, true positive; columns: predicted negative, predicted positive
+        "confusion_matrix": [[metrics["eval_true_negatives"], metrics["eval_false_positives"]],
+                             [metrics["eval_false_negatives"], metrics["eval_true_positives"]]],
         # The whole run's, from the logged losses: the Trainer's training_loss covers only the steps since a resume.
         "eval_loss": metrics["eval_loss"], "train_loss": sum(loss * n for loss, n in logged) / sum(n for _, n in logged),
         "trainable_params": trainable, "all_params": total, "trainable_percent": 100 * trainable / total,
+        "learning_rate": trainer.args.learning_rate,
         "train_samples": n_train, "eval_samples": len(trainer.eval_dataset),
         # Time in training steps, without the evaluations; a resumed run cannot say it for the whole run.
         "train_seconds": None if run.resume_from else seconds,
@@ -878,11 +904,82 @@ def collect_results(cfg, run, trainer, trained, metrics):
         **({"resumed_from_step": int(run.resume_from.split("-")[-1])} if run.resume_from else {}),
     }
 
-def save_results(folder, results):
-    (folder / "README.md").unlink(missing_ok=True)  # peft's model-card template, empty
+def save_results(folder, results, trainer):
+    """Beside the weights: results.json, the Trainer's log history and its curves, and a model card."""
     weights = folder / ("adapter_model.safetensors" if results["method"] == "lora" else "model.safetensors")
     results["adapter_size_mb"] = weights.stat().st_size / 1e6
     (folder / "results.json").write_text(json.dumps(results, indent=2))
+    (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    plot_curves({results["method"]: trainer.state.log_history}, folder / "training_curves.png")
+    name = Path(results["config"]["full_output_dir" if results["method"] == "full" else "output_dir"]).name
+    write_model_card(folder, name, results)
+    if (Path(trainer.args.output_dir) / "runs").is_dir():  # TensorBoard's event files, kept with the model
+        shutil.copytree(Path(trainer.args.output_dir) / "runs", folder / "runs")
+
+def plot_curves(runs, path):
+    """Training loss by step, evaluation loss and accuracy by epoch: one line per run."""
+    figure = Figure(figsize=(12, 3.5), layout="constrained")
+    panels = figure.subplots(1, 3)
+    for name, history in runs.items():
+        train = [(log["step"], log["loss"]) for log in history if "loss" in log]
+        evals = [(log["epoch"], log["eval_loss"], log["eval_accuracy"]) for log in history if "eval_loss" in log]
+        panels[0].plot([s for s, _ in train], [loss for _, loss in train], label=name)
+        panels[1].plot([e for e, _, _ in evals], [loss for _, loss, _ in evals], marker="o", label=name)
+        panels[2].plot([e for e, _, _ in evals], [acc for _, _, acc in evals], marker="o", label=name)
+    for panel, title, x, y in zip(panels, ("training", "evaluation", "evaluation"), ("step", "epoch", "epoch"),
+                                  ("loss", "loss", "accuracy")):
+        panel.set(title=f"{title} {y}", xlabel=x, ylabel=y)
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+        panel.grid(alpha=0.3)
+        if len(runs) > 1:
+            panel.legend()
+    figure.savefig(path, dpi=100)
+
+def write_model_card(folder, name, results, merged_from=None):
+    """A README.md with the metadata the Hub links models by, what the model is, how it was trained, its
+    results and how to load it. peft's own card is an empty template: this one replaces it."""
+    cfg, lora = results["config"], results["method"] == "lora" and not merged_from
+    # Hub ids as they are; local folders by their names only (a path on this machine means nothing elsewhere).
+    base = Path(cfg["model_name"]).name if Path(cfg["model_name"]).is_absolute() else cfg["model_name"]
+    data = None if looks_like_a_path(cfg["dataset_name"]) else cfg["dataset_name"]
+    data_name = data or Path(cfg["dataset_name"]).name
+    card_data = ModelCardData(
+        library_name="peft" if lora else "transformers", base_model=base, pipeline_tag="text-classification",
+        datasets=[data] if data else None, tags=["sentiment-analysis", results["method"]], model_name=name,
+        eval_results=[EvalResult(task_type="text-classification", dataset_type=data_name, dataset_name=data_name,
+                                 dataset_split="test", metric_type=metric, metric_value=round(results[metric], 4))
+                      for metric in ("accuracy", "f1")])
+    what = (f"A LoRA adapter for `{base}`" if lora else f"`{base}` with a LoRA adapter merged into its weights"
+            if merged_from else f"`{base}` with every weight fine-tuned")
+    how = (f"LoRA, r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout {cfg['lora_dropout']}, on "
+           f"{', '.join(cfg['target_modules'])}" if results["method"] == "lora" else "full fine-tuning")
+    load = ('from peft import AutoPeftModelForSequenceClassification as Model', ', id2label={0: "negative", 1: '
+            '"positive"}, pad_token_id=tokenizer.pad_token_id') if lora else (
+        "from transformers import AutoModelForSequenceClassification as Model", "")
+    body = f"""
+# {name}
+
+{what}: it tells whether a movie review is negative or positive.{f" Merged from `{merged_from}`." if merged_from else ""}
+
+Trained with `fine_tune_lora.py` by {how}: {cfg['num_epochs']} epoch(s) of {results['train_samples']:,} reviews
+from `{data_name}`, at most {cfg['max_length']} tokens each, batch {cfg['batch_size']}, learning rate
+{results['learning_rate']:g}, {results['training_precision']}, seed {cfg['seed']}; {results['trainable_params']:,} of
+{results['all_params']:,} weights trained.
+
+On {results['eval_samples']:,} test reviews: accuracy {results['accuracy']:.4f}, F1 {results['f1']:.4f}, precision
+{results['precision']:.4f}, recall {results['recall']:.4f}.
+
+```python
+from transformers import AutoTokenizer
+{load[0]}
+
+path = "{name}"  # this folder, or its Hub id once uploaded
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = Model.from_pretrained(path{load[1]})
+print(model(**tokenizer(["A wonderful film."], return_tensors="pt")).logits.softmax(-1))  # negative, positive
+```
+"""
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(folder / "README.md")
 
 # name, the field of results.json that the ratio compares, and how the value is written
 RESULT_ROWS = [

@@ -76,6 +76,35 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model, tmp_path_factory):
+    """A Llama-style model (nn.Linear layers: q_proj, v_proj...), 2 layers, 64 wide, with the same tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.save_pretrained(folder)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=eos,
+                         eos_token_id=eos)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def check_model_card(folder, library, accuracy):
+    """The card the Hub reads: its metadata links the model to its base and shows the run's accuracy."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == library and card.data.pipeline_tag == "text-classification"
+    assert card.data.base_model and card.data.eval_results[0].metric_type == "accuracy"
+    assert card.data.eval_results[0].metric_value == pytest.approx(accuracy, abs=1e-4)
+    assert "negative or positive" in card.text and "from_pretrained" in card.text
+
+
 def write_split_files(folder, fmt, n_train=240, n_test=120, seed=1):
     """train.* and test.* files with `text` and `label` columns, in parquet, csv or jsonl."""
     import pandas as pd

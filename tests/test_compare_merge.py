@@ -4,7 +4,21 @@ import subprocess
 import sys
 
 import pytest
-from conftest import base_args, read_results, run_main, run_script
+from conftest import base_args, check_model_card, read_results, run_main, run_script
+
+LABELLED = """
+import json, sys
+from transformers import pipeline
+print(json.dumps(pipeline("text-classification", model=sys.argv[1])(json.loads(sys.argv[2]))))
+"""
+
+
+def labels_from_a_pipeline(folder):
+    """What transformers' pipeline answers for TEXTS, in a fresh process, with nothing but the folder."""
+    done = subprocess.run([sys.executable, "-c", LABELLED, str(folder), json.dumps(TEXTS)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {answer["label"] for answer in json.loads(done.stdout.strip().splitlines()[-1])}
 
 TEXTS = ["the film was wonderful . overall superb", "dull wooden acting . overall awful",
          "the camera and the music . overall", "a scene with a dog . overall loved"]
@@ -30,6 +44,8 @@ def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp
     assert results["accuracy"] >= 0.9
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert not (tmp_path / "unused").exists()
+    check_model_card(out, "transformers", results["accuracy"])
+    assert labels_from_a_pipeline(out) == {"negative", "positive"}  # TEXTS holds clear cases of each
     # A plain AutoModelForSequenceClassification, in a fresh process, predicts what --predict prints.
     code = ("import sys, json, torch; from transformers import AutoModelForSequenceClassification as M, "
             "AutoTokenizer as T; m = M.from_pretrained(sys.argv[1]).eval(); t = T.from_pretrained(sys.argv[1]); "
@@ -60,6 +76,7 @@ def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, 
         assert len(cells) == 4 and all(cells), row
     assert "n/a (no GPU)" in table  # no GPU here: said so, and process memory given instead
     assert table in done.stdout
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000  # both methods' curves in one figure
     for method in ("lora", "full"):  # the two runs saw the same data and schedule
         assert results[method]["train_samples"] == 240 and results[method]["config"]["seed"] == 42
     assert results["full"]["adapter_size_mb"] > 10 * results["lora"]["adapter_size_mb"]
@@ -101,6 +118,8 @@ def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path, capsy
     merged_dir = tmp_path / "adapter-merged"
     reported = float(done.stdout.split("texts:")[-1].split()[0])
     assert reported < 1e-4
+    check_model_card(merged_dir, "transformers", read_results(source)["accuracy"])
+    assert labels_from_a_pipeline(merged_dir) <= {"negative", "positive"}
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()  # no peft involved
     assert type(merged).__name__ == "GPT2ForSequenceClassification"
     with_adapter, tokenizer = fine_tune_lora.load_saved_model(source)

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (TINY_TRAINABLE, base_args, make_reviews, read_results, run_main,
+from conftest import (TINY_TRAINABLE, base_args, check_model_card, make_reviews, read_results, run_main,
+                      run_script,
                       write_acl_imdb, write_split_files)
 
 RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
@@ -14,8 +15,8 @@ RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "tra
 
 def test_training_learns_and_saves_adapter_and_results(trained):
     out, done = trained
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "results.json"} <= {
-        p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "results.json", "README.md",
+            "log_history.json", "training_curves.png"} <= {p.name for p in out.iterdir()}
     assert not (out / "checkpoints").exists(), "a finished run keeps no checkpoints"
     results = read_results(out)
     assert RESULT_KEYS <= results.keys()
@@ -34,6 +35,19 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     assert "attention_mask" not in done.stdout + done.stderr
     # written to a file (as here), the output is plain lines: no progress bars redrawn, no escape codes
     assert [mark for mark in ("\r", "\x1b", "it/s]", "Loading weights") if mark in done.stdout + done.stderr] == []
+
+
+def test_a_saved_adapter_has_its_model_card_history_and_curves(trained):
+    from matplotlib.image import imread
+
+    out, _ = trained
+    results = read_results(out)
+    check_model_card(out, "peft", results["accuracy"])
+    history = json.loads((out / "log_history.json").read_text())
+    # one training loss per logging step (every 10 of the 60 steps here), and an evaluation per epoch
+    assert [log["step"] for log in history if "loss" in log] == [10, 20, 30, 40, 50, 60]
+    assert [log["epoch"] for log in history if "eval_accuracy" in log] == [1, 2]
+    assert imread(out / "training_curves.png").shape[:2] == (350, 1200)  # three panels, 12 x 3.5 inches
 
 
 def test_predict_prints_a_label_and_probability_per_text(trained, capsys):
@@ -55,8 +69,10 @@ folder, texts = sys.argv[1], json.loads(sys.argv[2])
 tokenizer = AutoTokenizer.from_pretrained(folder)
 tokenizer.pad_token = tokenizer.eos_token
 batch = tokenizer(texts, padding=True, return_tensors="pt")
-auto = AutoPeftModelForSequenceClassification.from_pretrained(folder).eval()
-auto.config.pad_token_id = tokenizer.pad_token_id
+# as the README loads it: the base model's config is given the task's labels and pad token
+auto = AutoPeftModelForSequenceClassification.from_pretrained(
+    folder, id2label={0: "negative", 1: "positive"}, pad_token_id=tokenizer.pad_token_id).eval()
+assert auto.config.id2label == {0: "negative", 1: "positive"}, auto.config.id2label
 base = AutoModelForSequenceClassification.from_pretrained(auto.peft_config["default"].base_model_name_or_path,
                                                           num_labels=2, pad_token_id=tokenizer.pad_token_id)
 manual = PeftModel.from_pretrained(base, folder).eval()
@@ -160,6 +176,26 @@ def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews
                       "--lora_r", "4", "--output_dir", tmp_path / "r4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_results(tmp_path / "r4")["trainable_params"] == 2 * 4 * (64 + 192) + 64 * 2
+
+
+def test_another_kind_of_model_trains_and_predicts(tiny_llama, reviews, tmp_path, capsys):
+    """A Llama-style model: nn.Linear layers (no fan_in_fan_out, no warning about it), and no GPT-2-only speed-up."""
+    out = tmp_path / "llama"
+    done = run_script(*base_args(tiny_llama, reviews), "--target_modules", "q_proj", "v_proj", "--output_dir", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fan_in_fan_out" not in done.stdout + done.stderr
+    assert read_results(out)["trainable_params"] == 2 * 8 * (64 + 64) * 2 + 64 * 2  # 2 layers x (q, v) + score
+    predicted = run_main(capsys, "--output_dir", out, "--predict", "wonderful . overall superb")
+    assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].split()[0] in ("positive", "negative")
+
+
+def test_a_tracker_gets_the_logs(tiny_model, reviews, tmp_path, capsys):
+    """--report_to tensorboard: its event files are kept with the saved model."""
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "32",
+                    "--report_to", "tensorboard", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))
+    assert events and all(event.stat().st_size > 0 for event in events)
 
 
 def test_help_lists_every_constant_with_default_and_comment(capsys):
