@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -318,23 +319,26 @@ def merge(cfg):
           f"{len(texts)} texts: {difference:.2e}")
     return difference
 
-def compare(cfg, argv):
-    """Train with LoRA, then fully, on the same data, each in a process of its own (so that each
-    peak memory is its own), and write one table of what each cost and gained."""
-    forwarded, results = [arg for arg in argv if arg != "--compare"], {}
-    for method, flag in (("lora", "false"), ("full", "true")):
-        print(f"\n===== {method}: python {Path(__file__).name} {' '.join(forwarded)} --full_finetune {flag} =====",
-              flush=True)
-        done = subprocess.run([sys.executable, __file__, *forwarded, "--full_finetune", flag])
-        if done.returncode != 0:
-            raise UserError(f"the {method} run failed (exit status {done.returncode}); see its message above")
-        folder = cfg.full_output_dir if method == "full" else cfg.output_dir
-        results[method] = json.loads((Path(folder) / "results.json").read_text())
+def compare(cfg, argv, variants):
+    """Train each variant of the settings (alone, --compare sets LoRA against full fine-tuning) on the same
+    data, each in a process of its own so that each peak memory is its own, and tabulate what each cost and
+    gained. A variant already trained with the same settings is not trained again."""
+    results, histories = {}, {}
+    for name, (settings, args) in plan_comparison(cfg, argv, variants).items():
+        folder = Path(settings.full_output_dir if settings.full_finetune else settings.output_dir)
+        saved = json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
+        if all(saved.get("config", {}).get(key) == getattr(settings, key) for key in RUN_SETTINGS):
+            print(f"===== {name}: trained already, in {folder} =====", flush=True)
+        else:
+            print(f"\n===== {name}: python {Path(__file__).name} {shlex.join(args)} =====", flush=True)
+            if subprocess.run([sys.executable, __file__, *args]).returncode != 0:
+                raise UserError(f"the {name!r} run stopped; see its message above. The same command goes on from it")
+        results[name] = json.loads((folder / "results.json").read_text())
+        histories[TITLES.get(name, name)] = json.loads((folder / "log_history.json").read_text())
     table = comparison_table(results)
     Path("comparison.md").write_text(table + "\n")
     Path("comparison.json").write_text(json.dumps(results, indent=2))
-    plot_curves({name: json.loads((Path(folder) / "log_history.json").read_text()) for name, folder in
-                 (("LoRA", cfg.output_dir), ("full fine-tuning", cfg.full_output_dir))}, Path("comparison.png"))
+    plot_curves(histories, Path("comparison.png"))
     print("\n" + table + "\n\nWritten to comparison.md, comparison.json and comparison.png")
     return results
 
@@ -343,6 +347,9 @@ def main(argv=None):
     # Ctrl-C, or a kill (SIGTERM), at any moment: one line saying what is kept, never a traceback.
     handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     cfg = args = None
+    # --compare takes the rest of the command line: its variants, each one quoted
+    variants = argv[argv.index("--compare") + 1:] if "--compare" in argv else []
+    argv = argv[:len(argv) - len(variants)]
     try:
         cfg, args = parse_args(argv)
         quiet_libraries()
@@ -351,7 +358,7 @@ def main(argv=None):
         elif args.merge:
             merge(cfg)
         elif args.compare:
-            compare(cfg, argv)
+            compare(cfg, [arg for arg in argv if arg != "--compare"], variants)
         else:
             fine_tune(cfg)
     except (UserError, KeyboardInterrupt) as error:
@@ -376,7 +383,7 @@ class UserError(Exception):
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"error: {message} (python {self.prog} --help lists every option)\n")
+        raise UserError(f"{message} (python {self.prog} --help lists every option)")
 
 def parse_args(argv):
     parser = OneLineParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,  # no guessed flags
@@ -398,7 +405,9 @@ def parse_args(argv):
     actions.add_argument("--merge", action="store_true",
                          help="fold the adapter in OUTPUT_DIR into the base weights, save a plain model in OUTPUT_DIR-merged")
     actions.add_argument("--compare", action="store_true",
-                         help="train with LoRA, then fully, on the same data; write comparison.md and comparison.json")
+                         help="LoRA against full fine-tuning; or, last on the line, variants of the settings, each "
+                              "quoted: --compare \"--lora_r 4\" \"--lora_r 16 --lora_alpha 32\". Writes comparison.md, "
+                              ".json and .png")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse lists them; say which flag was probably meant too
         flags = [a for action in parser._actions for a in action.option_strings]
@@ -778,7 +787,9 @@ def stopping_cleanly(cfg, run, trainer):
 
 def stopped(cfg, args):
     """The line after a Ctrl-C outside training. Saves are atomic: only checkpoints can be left."""
-    if cfg is None or args.predict or args.merge or args.compare:
+    if args is not None and args.compare:
+        return "Stopped the comparison; the same command goes on from the run it stopped in."
+    if cfg is None or args.predict or args.merge:
         return "Stopped; nothing was left half-written."
     try:
         checkpoint = find_resume_checkpoint(cfg, Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
@@ -1009,14 +1020,46 @@ def print_summary(results, out_dir):
     width = max(len(name) for name, _, _ in rows)
     print("\n" + "\n".join(f"{name:<{width}}  {cells[0]}" for name, cells, _ in rows), flush=True)
 
+def plan_comparison(cfg, argv, variants):
+    """{name: (settings, command-line arguments)} for each run of --compare. A variant that does not parse,
+    or repeats another, stops the comparison here, before anything trains."""
+    if not variants:
+        runs = [("lora", [*argv, "--full_finetune", "false"]), ("full", [*argv, "--full_finetune", "true"])]
+    else:  # each variant in a folder of its own, named after it
+        dirs = ("--output_dir", "--full_output_dir")
+        argv = [arg for i, arg in enumerate(argv) if arg.split("=")[0] not in dirs and (i == 0 or argv[i - 1] not in dirs)]
+        runs = []
+        for variant in variants:
+            words = shlex.split(variant)
+            if {"--output_dir", "--full_output_dir", "--compare", "--predict", "--merge"} & set(words):
+                raise UserError(f"--compare variant {variant!r}: a variant changes training settings only")
+            name = " ".join(words) or "base settings"
+            folder = Path(f"{cfg.output_dir}-compare") / re.sub(r"[^\w.=-]+", "-", name.replace("--", "")).strip("-")
+            runs.append((name, [*argv, *words, "--output_dir", str(folder), "--full_output_dir", str(folder)]))
+    plan, seen = {}, {}
+    for name, args in runs:
+        try:
+            settings, _ = parse_args(args)
+        except UserError as error:
+            raise UserError(f"--compare variant {name!r}: {error}") from None
+        key = json.dumps({k: getattr(settings, k) for k in RUN_SETTINGS}, sort_keys=True)
+        if key in seen:
+            raise UserError(f"--compare variants {seen[key]!r} and {name!r} train with the same settings; drop one")
+        seen[key], plan[name] = name, (settings, args)
+    return plan
+
+TITLES = {"lora": "LoRA", "full": "full fine-tuning"}  # the columns of a plain --compare
+
 def comparison_table(results):
-    lora, full = results["lora"], results["full"]
-    cfg = lora["config"]
-    lines = [f"{lora['device']}, {lora['training_precision']}; model {Path(cfg['model_name']).name}; "
-             f"{lora['train_samples']:,} train / {lora['eval_samples']:,} eval reviews, {cfg['num_epochs']} epoch(s), "
-             f"batch {cfg['batch_size']}, max length {cfg['max_length']}", "",
-             "| | LoRA | full fine-tuning | full / LoRA |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {' | '.join(cells)} | {ratio} |" for name, cells, ratio in result_rows([lora, full])]
+    first, titles = next(iter(results.values())), [TITLES.get(name, name) for name in results]
+    cfg, ratio = first["config"], len(results) == 2  # two runs: the second's figures over the first's
+    lines = [f"{first['device']}, {first['training_precision']}; model {Path(cfg['model_name']).name}; "
+             f"{first['train_samples']:,} train / {first['eval_samples']:,} eval reviews, {cfg['num_epochs']} "
+             f"epoch(s), batch {cfg['batch_size']}, max length {cfg['max_length']}", "",
+             f"| | {' | '.join(titles)} |" + (f" {titles[1]} / {titles[0]} |" if ratio else ""),
+             "| --- " * (len(titles) + 1 + ratio) + "|"]
+    lines += [f"| {name} | {' | '.join(cells)} |" + (f" {r} |" if ratio else "")
+              for name, cells, r in result_rows(list(results.values()))]
     return "\n".join(lines)
 
 

@@ -1,4 +1,6 @@
 """Bad input gets one clear line naming the problem and a non-zero exit, not a traceback."""
+import time
+
 import pandas as pd
 import pytest
 from conftest import base_args, run_script, write_split_files
@@ -52,6 +54,10 @@ CASES = {
                                          tmp / "reviews.csv"], ["that is a file", "give a folder holding train.*"]),
     "a file name for the data": (lambda tmp: ["--dataset_name", "imdb.csv"], ["imdb.csv: no such folder", "folder"]),
     "a mistyped flag": (lambda tmp: ["--lora-r", "4"], ["--lora-r", "did you mean --lora_r?"]),
+    "a --compare variant that does not parse": (lambda tmp: ["--compare", "--lora_r 4", "--lora_r four"],
+                                                ["--compare variant '--lora_r four'", "whole number"]),
+    "two --compare variants the same": (lambda tmp: ["--compare", "--lora_r 8", ""],
+                                        ["'--lora_r 8' and 'base settings'", "same settings"]),
     "fp16 without a GPU": (lambda tmp: ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU", "use auto"]),
 }
 
@@ -61,12 +67,13 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model, reviews, tmp_path
     make_args, expected = CASES[case]
     extra = [str(a) for a in make_args(tmp_path)]
     args = [*base_args(tiny_model, reviews), "--output_dir", tmp_path / "out", *extra]
+    started = time.monotonic()
     status, errors = run_main(capsys, *args)
-    assert status not in (0, None)
+    assert status not in (0, None) and time.monotonic() - started < 10  # before any training
     assert len(errors) == 1, errors
     for fragment in expected:
         assert fragment in errors[0], errors[0]
-    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out-compare").exists()
 
 
 def test_predict_without_an_adapter_says_so(tmp_path, capsys):

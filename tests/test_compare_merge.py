@@ -126,3 +126,49 @@ def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path, capsy
     a = fine_tune_lora.classify(with_adapter, tokenizer, TEXTS, 64)
     b = fine_tune_lora.classify(merged, tokenizer, TEXTS, 64)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_compare_trains_each_variant_in_its_folder_and_goes_on_after_an_interruption(tiny_model, reviews, tmp_path):
+    """Three variants of the settings; the comparison is stopped once the first has finished, and the same
+    command then skips it and trains the others. Each variant's settings really were applied."""
+    import os
+    import signal
+    import time
+
+    from conftest import SCRIPT
+
+    variants = ["--lora_r 4", "--lora_r 16 --lora_alpha 32", "--target_modules c_attn c_proj"]
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--output_dir", "adapter", "--compare", *variants]
+    first = tmp_path / "adapter-compare" / "lora_r-4" / "results.json"
+    with open(tmp_path / "log", "w") as log:
+        process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=tmp_path, stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while not first.exists():
+            assert process.poll() is None, (tmp_path / "log").read_text()[-2000:]
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert process.returncode == 1 and "Stopped the comparison" in (tmp_path / "log").read_text()
+    assert not (tmp_path / "comparison.json").exists()
+
+    done = run_script(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "===== --lora_r 4: trained already" in done.stdout
+    assert "===== --lora_r 16 --lora_alpha 32: python" in done.stdout
+    results = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(results) == variants
+    # the closed form for each: 2 layers x r x (in + out) per adapted layer, + score (64 x 2)
+    c_attn, c_proj = 64 + 192, (64 + 64) + (256 + 64)  # c_proj: attention output, then the MLP's output
+    expected = {"--lora_r 4": 2 * 4 * c_attn, "--lora_r 16 --lora_alpha 32": 2 * 16 * c_attn,
+                "--target_modules c_attn c_proj": 2 * 8 * (c_attn + c_proj)}
+    for variant, lora_weights in expected.items():
+        assert results[variant]["trainable_params"] == lora_weights + 64 * 2, variant
+    for folder, r in (("lora_r-4", 4), ("lora_r-16-lora_alpha-32", 16), ("target_modules-c_attn-c_proj", 8)):
+        own = read_results(tmp_path / "adapter-compare" / folder)
+        assert own["config"]["lora_r"] == r and (tmp_path / "adapter-compare" / folder / "adapter_model.safetensors").exists()
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| | --lora_r 4 | --lora_r 16 --lora_alpha 32 | --target_modules c_attn c_proj |" in table
+    for name in ("accuracy", "trainable parameters", "training time", "peak process memory", "saved weights on disk"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert len([c for c in row.strip("|").split("|") if c.strip()]) == 4, row
+    assert (tmp_path / "comparison.png").exists()
