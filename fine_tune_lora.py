@@ -75,7 +75,7 @@ LORA_ALPHA = 16  # the update is scaled by alpha / r; keep alpha = 2 * r when yo
 LORA_DROPOUT = 0.05  # dropout on the adapter's input; 0.0-0.1
 TARGET_MODULES = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity
 # training
-LEARNING_RATE = 3e-4  # for the adapter; 1e-4 to 5e-4 is usual for LoRA, too high and training diverges
+LEARNING_RATE = 3e-4  # for the adapter; 1e-4 to 1e-3 is usual for LoRA (higher for short runs), too high diverges
 BATCH_SIZE = 8  # reviews per step on each GPU; halve it (and double the next line) if you run out of memory
 GRADIENT_ACCUMULATION_STEPS = 1  # steps summed per update: effective batch = BATCH_SIZE * this * GPUs
 NUM_EPOCHS = 3  # passes over the training set
@@ -833,6 +833,12 @@ def pick_device_and_precision(cfg):
               "slower than fp32 (--precision auto would use fp32)")
     return device, name, precision
 
+# What a CPU run suggests when it would take longer: about half an hour on 2 cores without bf16. Its 250
+# steps are few for a new adapter, which learns more of the task in them with larger steps (measured on real
+# pretrained weights: benchmarks/README.md).
+QUICK_RUN = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256,
+             "learning_rate": 1e-3}
+
 def describe_run(cfg, run, trainer):
     n_train, n_test = len(trainer.train_dataset), len(trainer.eval_dataset)
     per_step = cfg.batch_size * run.world * cfg.gradient_accumulation_steps  # reviews per optimizer update
@@ -849,8 +855,9 @@ def describe_run(cfg, run, trainer):
     if run.device != "cpu" or run.resume_from:
         return
     step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
-    quick = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256}
-    bigger = n_train > 2000 or n_test > 500 or cfg.num_epochs > 1 or cfg.max_length > 256  # than a quick run
+    quick = QUICK_RUN
+    bigger = n_train > quick["max_train_samples"] or n_test > quick["max_eval_samples"] or \
+        cfg.num_epochs > quick["num_epochs"] or cfg.max_length > quick["max_length"]
     total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
         f"{seconds / 3600:.1f} h"
     print(f"No GPU found: training runs on the CPU. One step takes "
@@ -928,21 +935,23 @@ def save_results(folder, results, trainer):
         shutil.copytree(Path(trainer.args.output_dir) / "runs", folder / "runs")
 
 def plot_curves(runs, path):
-    """Training loss by step, evaluation loss and accuracy by epoch: one line per run."""
+    """The loss on the training batches and on the test reviews, and the accuracy, by step: a colour per run."""
     figure = Figure(figsize=(12, 3.5), layout="constrained")
-    panels = figure.subplots(1, 3)
+    loss_panel, accuracy_panel = figure.subplots(1, 2)
     for name, history in runs.items():
         train = [(log["step"], log["loss"]) for log in history if "loss" in log]
-        evals = [(log["epoch"], log["eval_loss"], log["eval_accuracy"]) for log in history if "eval_loss" in log]
-        panels[0].plot([s for s, _ in train], [loss for _, loss in train], label=name)
-        panels[1].plot([e for e, _, _ in evals], [loss for _, loss, _ in evals], marker="o", label=name)
-        panels[2].plot([e for e, _, _ in evals], [acc for _, _, acc in evals], marker="o", label=name)
-    for panel, title, x, y in zip(panels, ("training", "evaluation", "evaluation"), ("step", "epoch", "epoch"),
-                                  ("loss", "loss", "accuracy")):
-        panel.set(title=f"{title} {y}", xlabel=x, ylabel=y)
+        evals = [(log["step"], log["eval_loss"], log["eval_accuracy"]) for log in history if "eval_loss" in log]
+        run = f"{name}: " if len(runs) > 1 else ""
+        line, = loss_panel.plot([s for s, _ in train], [loss for _, loss in train], label=f"{run}training batches")
+        loss_panel.plot([s for s, _, _ in evals], [loss for _, loss, _ in evals], "o--", color=line.get_color(),
+                        label=f"{run}test reviews")
+        accuracy_panel.plot([s for s, _, _ in evals], [a for _, _, a in evals], "o-", color=line.get_color(), label=name)
+    last = max((log["step"] for history in runs.values() for log in history), default=1)
+    for panel, title in ((loss_panel, "loss"), (accuracy_panel, "accuracy on the test reviews")):
+        panel.set(title=title, xlabel="step", ylabel=title.split()[0], xlim=(0, last * 1.03))
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))
         panel.grid(alpha=0.3)
-        if len(runs) > 1:
+        if panel is loss_panel or len(runs) > 1:
             panel.legend()
     figure.savefig(path, dpi=100)
 

@@ -172,3 +172,35 @@ def test_compare_trains_each_variant_in_its_folder_and_goes_on_after_an_interrup
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert len([c for c in row.strip("|").split("|") if c.strip()]) == 4, row
     assert (tmp_path / "comparison.png").exists()
+
+
+def test_accuracy_benchmark_writes_its_tables_and_its_command_reruns_nothing_done(tiny_model, reviews, tmp_path):
+    """benchmarks/accuracy.py on local folders named relative to where it is started: every run of the study
+    trains on them with the settings passed through, and the page names the command that re-measures it."""
+    import shlex
+
+    from conftest import ROOT
+
+    benchmark = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py")]
+    settings = ["--max_train_samples", "16", "--max_eval_samples", "8", "--max_length", "64", "--lora_r", "4"]
+    args = ["--model", tiny_model.name, "--dataset", reviews.name, "--studies", "quick", "--out", str(tmp_path / "acc"),
+            *settings]
+    done = subprocess.run([*benchmark, *args], capture_output=True, text=True, cwd=tiny_model.parent, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (tmp_path / "acc" / "accuracy.md").read_text()
+    assert "CPU" in page and "torch " in page and "peft " in page
+    results = json.loads((tmp_path / "acc" / "quick" / "comparison.json").read_text())
+    assert list(results) == ["--learning_rate 3e-4", "--learning_rate 1e-3", "--full_finetune true"]
+    for name, result in results.items():
+        assert (result["train_samples"], result["eval_samples"], result["config"]["lora_r"]) == (16, 8, 4), name
+        assert result["config"]["model_name"] == str(tiny_model), name
+    assert "| accuracy | " + " | ".join(f"{r['accuracy']:.4f}" for r in results.values()) + " |" in page
+    assert results["--learning_rate 1e-3"]["learning_rate"] == 1e-3 and results["--full_finetune true"]["method"] == "full"
+
+    rerun = next(line.strip("`") for line in page.splitlines() if line.startswith("`python benchmarks/accuracy.py"))
+    words = shlex.split(rerun)[2:]
+    assert words[:4] == ["--model", tiny_model.name, "--dataset", reviews.name]
+    again = subprocess.run([*benchmark, *words], capture_output=True, text=True,
+                           cwd=tiny_model.parent, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("trained already") == 3

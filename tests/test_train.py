@@ -47,7 +47,7 @@ def test_a_saved_adapter_has_its_model_card_history_and_curves(trained):
     # one training loss per logging step (every 10 of the 60 steps here), and an evaluation per epoch
     assert [log["step"] for log in history if "loss" in log] == [10, 20, 30, 40, 50, 60]
     assert [log["epoch"] for log in history if "eval_accuracy" in log] == [1, 2]
-    assert imread(out / "training_curves.png").shape[:2] == (350, 1200)  # three panels, 12 x 3.5 inches
+    assert imread(out / "training_curves.png").shape[:2] == (350, 1200)  # loss and accuracy panels, 12 x 3.5 inches
 
 
 def test_predict_prints_a_label_and_probability_per_text(trained, capsys):

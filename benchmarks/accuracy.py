@@ -1,0 +1,104 @@
+"""
+What accuracy does the recipe reach on real pretrained weights, in how long, and how does LoRA
+compare with full fine-tuning? This runs the trainings behind the README's real-weights figures,
+through fine_tune_lora.py --compare, and writes their tables to one page.
+
+    python benchmarks/accuracy.py                               # GPT-2 small and IMDB from the Hub
+    python benchmarks/accuracy.py --model ./SmolLM2-135M --target_modules q_proj v_proj --dataset ./imdb
+    python benchmarks/accuracy.py --studies quick               # only the quick run, LoRA and full
+
+Each study is one `fine_tune_lora.py --compare` with the same reviews for every run in it:
+  quick   the quick run the script suggests on a CPU (QUICK_RUN): LoRA at two learning rates, and full
+          fine-tuning
+  longer  LoRA as in the quick run, on twice the training reviews: what more steps would give
+Every training runs in a process of its own and saves to OUT/<study>/; a finished one is not run
+again, so an interrupted benchmark goes on where it stopped. OUT/accuracy.md gets one table per
+study, with the model, data, hardware, date, library versions and the command that re-measures it;
+each run's folder keeps its results.json and training_curves.png, each study its comparison.png.
+Any other fine_tune_lora.py setting can be added (--precision fp32, --batch_size 16, ...).
+"""
+import argparse
+import datetime
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fine_tune_lora as ft  # noqa: E402
+
+SCRIPT = Path(ft.__file__)
+QUICK = [arg for key, value in ft.QUICK_RUN.items() for arg in (f"--{key}", str(value))]
+# study: (what it shows, settings over the quick run's, its --compare variants: none = LoRA and full)
+STUDIES = {
+    "quick": ("The quick run: LoRA at two learning rates, and full fine-tuning", ["--logging_steps", "25"],
+              ["--learning_rate 3e-4", "--learning_rate 1e-3", "--full_finetune true"]),
+    "longer": ("Twice the quick run's training reviews, LoRA", ["--max_train_samples", "4000", "--logging_steps", "25"],
+               ["--learning_rate 1e-3"]),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2", help="Hub id or local folder (default: gpt2)")
+    parser.add_argument("--dataset", default="imdb", help="Hub id or local folder (default: imdb)")
+    parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
+    parser.add_argument("--out", default="accuracy", help="folder for the runs and accuracy.md (default: accuracy)")
+    return parser.parse_known_args()  # the rest goes to fine_tune_lora.py
+
+
+def hardware():
+    import torch
+    if torch.cuda.is_available():
+        return f"1 {torch.cuda.get_device_name()}"
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux names the CPU here; platform.processor() often says only "x86_64"
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return f"{torch.get_num_threads()} CPU threads ({name})"
+
+
+def run_study(name, args, extra, out):
+    """Train the study's runs (those not done yet) and return its table, headed by how to re-measure it."""
+    title, settings, variants = STUDIES[name]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    # The runs start in the study's folder: a local model or data folder is passed to them as a full path.
+    model, dataset = (str(Path(n).resolve()) if Path(n).exists() else n for n in (args.model, args.dataset))
+    command = [sys.executable, str(SCRIPT), "--model_name", model, "--dataset_name", dataset,
+               *QUICK, *settings, *extra, "--output_dir", "lora", "--full_output_dir", "full", "--compare", *variants]
+    print(f"\n##### {title}: {shlex.join(command[1:])}", flush=True)
+    # Relative folders resolve in the study's folder, where --compare writes its table too.
+    process = subprocess.Popen(command, cwd=folder)
+    while process.returncode is None:
+        try:
+            process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reaches the runs too: they stop cleanly, each saying so
+            pass
+    if process.returncode != 0:
+        sys.exit(f"error: the {name!r} study stopped; see above. The same command goes on where it stopped.")
+    rerun = shlex.join(["python", "benchmarks/accuracy.py", "--model", args.model, "--dataset", args.dataset,
+                        "--studies", name, *extra] + (["--out", args.out] if args.out != "accuracy" else []))
+    return f"## {title}\n\n`{rerun}`\n\n{(folder / 'comparison.md').read_text().strip()}\n"
+
+
+def main():
+    args, extra = parse_args()
+    import peft
+    import torch
+    import transformers
+    out = Path(args.out)
+    tables = [run_study(name, args, extra, out) for name in args.studies]
+    head = (f"# Accuracy of fine_tune_lora.py\n\n{datetime.date.today()}, {hardware()}; torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}; model {args.model}, "
+            f"data {args.dataset}\n")
+    page = "\n".join([head, *tables])
+    (out / "accuracy.md").write_text(page)
+    print("\n" + page + f"\nWritten to {out / 'accuracy.md'}")
+
+
+if __name__ == "__main__":
+    main()
