@@ -3,7 +3,8 @@ Fine-tune GPT-2 small to tell positive from negative IMDB movie reviews, trainin
 adapter (about 0.24% of the weights) with PEFT and the Hugging Face Trainer.
 
     python fine_tune_lora.py                                    # train, evaluate, save ./gpt2-imdb-lora
-    python fine_tune_lora.py --max_train_samples 2000 --max_eval_samples 500 --num_epochs 1 --max_length 256
+    python fine_tune_lora.py --max_train_samples 2000 --max_eval_samples 500 --num_epochs 1 \
+        --max_length 256 --learning_rate 1e-3                   # a quick run: under half an hour on a CPU
     python fine_tune_lora.py --predict "A wonderful film." "Two hours I will never get back."
     python fine_tune_lora.py --predict "Great fun." --adapters ./gpt2-imdb-lora ./gpt2-imdb-lora-r16
     python fine_tune_lora.py --merge                            # fold the adapter into a plain model

@@ -4,13 +4,13 @@ compare with full fine-tuning? This runs the trainings behind the README's real-
 through fine_tune_lora.py --compare, and writes their tables to one page.
 
     python benchmarks/accuracy.py                               # GPT-2 small and IMDB from the Hub
-    python benchmarks/accuracy.py --model ./SmolLM2-135M --target_modules q_proj v_proj --dataset ./imdb
-    python benchmarks/accuracy.py --studies quick               # only the quick run, LoRA and full
+    python benchmarks/accuracy.py --model ./SmolLM2-135M-Instruct --dataset ./imdb --studies quick \
+        --target_modules q_proj v_proj --precision fp32         # the README's real-weights figures
 
-Each study is one `fine_tune_lora.py --compare` with the same reviews for every run in it:
+Each study is one `fine_tune_lora.py --compare` with the same reviews for every run in it (add your own
+to STUDIES):
   quick   the quick run the script suggests on a CPU (QUICK_RUN): LoRA at two learning rates, and full
           fine-tuning
-  longer  LoRA as in the quick run, on twice the training reviews: what more steps would give
 Every training runs in a process of its own and saves to OUT/<study>/; a finished one is not run
 again, so an interrupted benchmark goes on where it stopped. OUT/accuracy.md gets one table per
 study, with the model, data, hardware, date, library versions and the command that re-measures it;
@@ -34,8 +34,6 @@ QUICK = [arg for key, value in ft.QUICK_RUN.items() for arg in (f"--{key}", str(
 STUDIES = {
     "quick": ("The quick run: LoRA at two learning rates, and full fine-tuning", ["--logging_steps", "25"],
               ["--learning_rate 3e-4", "--learning_rate 1e-3", "--full_finetune true"]),
-    "longer": ("Twice the quick run's training reviews, LoRA", ["--max_train_samples", "4000", "--logging_steps", "25"],
-               ["--learning_rate 1e-3"]),
 }
 
 
