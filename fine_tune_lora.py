@@ -182,8 +182,8 @@ def fine_tune(cfg):
         compute_metrics=compute_metrics,
     )
     describe_run(cfg, run, trainer)  # the device and steps and, on a CPU, how long it will take
-    with stopping_cleanly(cfg, run, trainer):  # Ctrl-C or a NaN loss: one sentence; a rerun resumes
-        trained = trainer.train(resume_from_checkpoint=run.resume_from)
+    watch_training(cfg, run, trainer)  # checkpoints on time too, a stop on a NaN loss
+    trained = trainer.train(resume_from_checkpoint=run.resume_from)  # Ctrl-C: a rerun resumes
 
     # 5. Evaluate on the test reviews
     metrics = trainer.evaluate()
@@ -206,18 +206,12 @@ def compute_metrics(eval_prediction):
     """Accuracy, F1, precision, recall and the confusion matrix, with scikit-learn: evaluate.load()
     would download a metric script from the Hub at run time, and fail offline."""
     labels, predictions = eval_prediction.label_ids, eval_prediction.predictions.argmax(axis=-1)
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary",
-                                                               zero_division=0)
-    (true_negatives, false_positives), (false_negatives, true_positives) = confusion_matrix(labels, predictions,
-                                                                                           labels=[0, 1])
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "f1": float(f1),
-        "precision": float(precision),
-        "recall": float(recall),
-        "true_negatives": int(true_negatives), "false_positives": int(false_positives),
-        "false_negatives": int(false_negatives), "true_positives": int(true_positives),
-    }
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary", zero_division=0)
+    (true_negatives, false_positives), (false_negatives, true_positives) = confusion_matrix(
+        labels, predictions, labels=[0, 1]).tolist()
+    return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1), "precision": float(precision),
+            "recall": float(recall), "true_negatives": true_negatives, "false_positives": false_positives,
+            "false_negatives": false_negatives, "true_positives": true_positives}
 
 
 # -----------------------------------------------------------------------------
@@ -226,24 +220,21 @@ def compute_metrics(eval_prediction):
 def load_saved_model(folder):
     """An adapter folder (as fine_tune saves it) or a whole model folder, ready to classify."""
     folder = Path(folder)
-    if not (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+    adapter = (folder / "adapter_config.json").exists()
+    if not adapter and not (folder / "config.json").exists():
         raise UserError(f"{folder} {'holds no saved adapter or model' if folder.exists() else 'does not exist'}; "
                         f"train one first (python {Path(__file__).name}) or point --output_dir at the folder you "
                         f"trained into")
-    if (folder / "adapter_config.json").exists():
+    if adapter:
         check_hub_reachable(PeftConfig.from_pretrained(folder).base_model_name_or_path)
     with loading("--output_dir", folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        if (folder / "adapter_config.json").exists():
-            # The base model named in adapter_config.json, then the adapter and `score` on top. The base
-            # model's config knows nothing of this task: its labels and pad token are given here.
-            model = AutoPeftModelForSequenceClassification.from_pretrained(
-                folder, dtype=torch.float32, id2label=dict(enumerate(LABELS)), pad_token_id=tokenizer.pad_token_id,
-                label2id={label: i for i, label in enumerate(LABELS)})
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        # An adapter loads the base model named in adapter_config.json, then the adapter and `score` on
+        # top. The base model's config knows nothing of this task: its labels and pad token are given here.
+        model = (AutoPeftModelForSequenceClassification if adapter else AutoModelForSequenceClassification
+                 ).from_pretrained(folder, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id,
+                                   id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
     model.config.use_cache = False  # a classifier needs no copies of the keys and values (see speed_up)
     return model.eval(), tokenizer
 
@@ -261,13 +252,13 @@ def classify(model, tokenizer, texts, max_length, batch_size=32):
 
 def predict(cfg, texts, adapter_dirs=None):
     """Print a row per text: the label and its probability, for each model (a column each)."""
+    folders = adapter_dirs or [output_dir(cfg)]
     for folder in adapter_dirs or []:
         if not (Path(folder) / "adapter_config.json").exists():
             raise UserError(f"--adapters: {folder} holds no adapter (adapter_config.json); train one first")
     if adapter_dirs and len(bases := {PeftConfig.from_pretrained(f).base_model_name_or_path for f in adapter_dirs}) > 1:
         raise UserError(f"--adapters were trained on different base models ({', '.join(sorted(bases))}); "
                         f"adapters can share a base only if they were trained on the same one")
-    folders = adapter_dirs or [cfg.full_output_dir if cfg.full_finetune else cfg.output_dir]
     model, tokenizer = load_saved_model(folders[0])
     for i, folder in enumerate(folders[1:], 1):
         model.load_adapter(folder, adapter_name=str(i))  # on the same base: only the adapter's small weights
@@ -275,20 +266,18 @@ def predict(cfg, texts, adapter_dirs=None):
     for i in range(len(folders)):
         if len(folders) > 1:
             model.set_adapter(str(i) if i else "default")  # instant: the base weights stay in place
-        columns.append(classify(model, tokenizer, kept, cfg.max_length) if kept else None)
+        columns.append(classify(model, tokenizer, kept, cfg.max_length).softmax(-1) if kept else [])
     print("  ".join(f"{Path(folder).name[:18]:<18}" for folder in folders) + "  text")
-    row = 0
+    rows = zip(*columns)
     for text in texts:
-        if not text.strip():
-            print("  ".join(f"{'skipped':<18}" for _ in folders) + "  (empty text: nothing to classify)")
-            continue
-        cells = [f"{LABELS[int(p.argmax())] + f' {p.max():.3f}':<18}" for p in (c[row].softmax(-1) for c in columns)]
+        cells = [f"{LABELS[int(p.argmax())]} {p.max():.3f}" for p in next(rows)] if text.strip() else \
+            ["skipped"] * len(folders)
         text = " ".join("".join(c if c.isprintable() else " " for c in text).split())  # on one short line
-        print("  ".join(cells) + "  " + (text if len(text) <= 60 else text[:59] + "…"))
-        row += 1
+        shown = text if len(text) <= 60 else text[:59] + "…"
+        print("  ".join(f"{cell:<18}" for cell in cells) + "  " + (
+            shown if cells[0] != "skipped" else "(empty text: nothing to classify)"))
     if len(kept) < len(texts):
         print(f"Skipped {len(texts) - len(kept)} empty or whitespace-only text(s).")
-    return columns
 
 def merge(cfg):
     """Fold the adapter into the base weights and save a plain model, checked against the adapter."""
@@ -302,8 +291,7 @@ def merge(cfg):
     before = classify(model, tokenizer, texts, cfg.max_length)
     # W + (alpha / r) * B @ A is computed once and written into W: the result is a plain GPT-2 with
     # no adapter layers, as fast as the base model, but a full copy of the weights for every task.
-    merged = model.merge_and_unload()
-    results = json.loads((source / "results.json").read_text()) if (source / "results.json").exists() else None
+    merged, results = model.merge_and_unload(), read_json(source / "results.json")
 
     def save(folder):
         merged.save_pretrained(folder)
@@ -314,11 +302,9 @@ def merge(cfg):
     save_atomically(target, save)
     reloaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
     difference = (before - classify(reloaded, tokenizer, texts, cfg.max_length)).abs().max().item()
-    size = (target / "model.safetensors").stat().st_size / 1e6
-    print(f"Merged {source} into {target} ({size:.1f} MB); it loads with AutoModelForSequenceClassification alone.")
-    print(f"Largest difference between the logits of the adapter and of the merged model on "
-          f"{len(texts)} texts: {difference:.2e}")
-    return difference
+    print(f"Merged {source} into {target} ({(target / 'model.safetensors').stat().st_size / 1e6:.1f} MB); it loads "
+          f"with AutoModelForSequenceClassification alone.\nLargest difference between the logits of the adapter "
+          f"and of the merged model on {len(texts)} texts: {difference:.2e}")
 
 def compare(cfg, argv, variants):
     """Train each variant of the settings (alone, --compare sets LoRA against full fine-tuning) on the same
@@ -326,22 +312,21 @@ def compare(cfg, argv, variants):
     gained. A variant already trained with the same settings is not trained again."""
     results, histories = {}, {}
     for name, (settings, args) in plan_comparison(cfg, argv, variants).items():
-        folder = Path(settings.full_output_dir if settings.full_finetune else settings.output_dir)
-        saved = json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
-        if all(saved.get("config", {}).get(key) == getattr(settings, key) for key in RUN_SETTINGS):
+        folder = output_dir(settings)
+        if all(read_json(folder / "results.json").get("config", {}).get(key) == getattr(settings, key)
+               for key in RUN_SETTINGS):
             print(f"===== {name}: trained already, in {folder} =====", flush=True)
         else:
             print(f"\n===== {name}: python {Path(__file__).name} {shlex.join(args)} =====", flush=True)
             if subprocess.run([sys.executable, __file__, *args]).returncode != 0:
                 raise UserError(f"the {name!r} run stopped; see its message above. The same command goes on from it")
-        results[name] = json.loads((folder / "results.json").read_text())
-        histories[TITLES.get(name, name)] = json.loads((folder / "log_history.json").read_text())
+        results[name] = read_json(folder / "results.json")
+        histories[TITLES.get(name, name)] = read_json(folder / "log_history.json")
     table = comparison_table(results)
     Path("comparison.md").write_text(table + "\n")
     Path("comparison.json").write_text(json.dumps(results, indent=2))
     plot_curves(histories, Path("comparison.png"))
     print("\n" + table + "\n\nWritten to comparison.md, comparison.json and comparison.png")
-    return results
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -425,7 +410,7 @@ def parse_args(argv):
 def value_parser(name):
     """Turn a command-line string into a value of the constant's type, or fail with a clear sentence."""
     # `int | None` marks a constant that can be none. Read from the module: lazy from Python 3.14 on.
-    optional = type(None) in getattr(typing.get_type_hints(sys.modules[__name__]).get(name), "__args__", ())
+    optional = type(None) in typing.get_args(typing.get_type_hints(sys.modules[__name__]).get(name))
     kind = int if optional else type(globals()[name])
     words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
@@ -442,29 +427,27 @@ def value_parser(name):
     return parse
 
 def check_config(cfg):
-    for name in ["max_length", "lora_r", "batch_size", "gradient_accumulation_steps", "num_epochs", "pad_to_multiple_of",
-                 "logging_steps", "learning_rate", "full_learning_rate", "max_train_samples", "max_eval_samples",
-                 "eval_batch_size"]:
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be greater than 0, got {getattr(cfg, name)}")
+    for name, value in vars(cfg).items():  # sizes, counts and rates; the seed and dropout have rules of their own
+        if type(value) in (int, float) and name not in ("seed", "lora_dropout", "save_steps", "save_minutes"):
+            if value <= 0:
+                raise UserError(f"--{name} must be greater than 0, got {value}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
-    if min(cfg.save_steps, cfg.save_minutes) < 0 or cfg.save_total_limit < 1:
-        raise UserError("--save_steps and --save_minutes must be 0 or more, and --save_total_limit at least 1")
+    if min(cfg.save_steps, cfg.save_minutes) < 0:
+        raise UserError("--save_steps and --save_minutes must be 0 or more")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     cfg.output_dir, cfg.full_output_dir = (d.rstrip("/\\") or d for d in (cfg.output_dir, cfg.full_output_dir))
-    # A local model folder is kept as an absolute path: the adapter records it as its base model.
-    if Path(cfg.model_name).expanduser().is_dir():
-        cfg.model_name = str(Path(cfg.model_name).expanduser().resolve())
-    elif looks_like_a_path(cfg.model_name):
-        problem = "that is a file" if Path(cfg.model_name).is_file() else "no such folder"
-        raise UserError(f"--model_name {cfg.model_name}: {problem}; give a folder holding config.json and the "
-                        f"weights (as save_pretrained writes it), or a Hub id such as gpt2")
-    if looks_like_a_path(cfg.dataset_name) and not Path(cfg.dataset_name).expanduser().is_dir():
-        problem = "that is a file" if Path(cfg.dataset_name).expanduser().is_file() else "no such folder"
-        raise UserError(f"--dataset_name {cfg.dataset_name}: {problem}; give a folder holding train.* and test.* "
-                        f"files (parquet, csv or jsonl) or the aclImdb layout, or a Hub id such as imdb")
+    for flag, holding in (("model_name", "config.json and the weights (as save_pretrained writes it), or a Hub id "
+                                         "such as gpt2"),
+                          ("dataset_name", "train.* and test.* files (parquet, csv or jsonl) or the aclImdb layout, "
+                                           "or a Hub id such as imdb")):
+        name = getattr(cfg, flag)
+        if flag == "model_name" and Path(name).expanduser().is_dir():  # kept whole: the adapter records its base
+            cfg.model_name = str(Path(name).expanduser().resolve())
+        elif looks_like_a_path(name) and not Path(name).expanduser().is_dir():
+            problem = "that is a file" if Path(name).expanduser().is_file() else "no such folder"
+            raise UserError(f"--{flag} {name}: {problem}; give a folder holding {holding}")
 
 def looks_like_a_path(name):  # such a name is never sent to the Hub
     return (name.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) is not None
@@ -530,20 +513,18 @@ def is_conv1d(model, names):  # GPT-2's layers; most other models use nn.Linear
 def load_reviews(cfg):
     """The train and test reviews (`text`; `label`, 0 = negative), checked, without empty ones, and a
     seeded random subset of each if MAX_TRAIN_SAMPLES or MAX_EVAL_SAMPLES ask for one."""
-    name, data = cfg.dataset_name, read_reviews(cfg.dataset_name)
+    name, data, splits = cfg.dataset_name, read_reviews(cfg.dataset_name), []
     for split in ("train", "test"):
         if split not in data:
             raise UserError(f"--dataset_name {name} has no {split!r} split (it has {', '.join(data)}); "
                             f"provide both train and test")
-        for column in ("text", "label"):
-            if column not in data[split].column_names:
-                raise UserError(f"--dataset_name {name}: the {split} split has no {column!r} column (it has "
-                                f"{', '.join(data[split].column_names)}); rename the columns to text and label")
+        if missing := [column for column in ("text", "label") if column not in data[split].column_names]:
+            raise UserError(f"--dataset_name {name}: the {split} split has no {missing[0]!r} column (it has "
+                            f"{', '.join(data[split].column_names)}); rename the columns to text and label")
         if bad := sorted(set(data[split].unique("label")) - {0, 1}):
             raise UserError(f"--dataset_name {name}: labels must be 0 (negative) or 1 (positive), the {split} split "
                             f"also has {', '.join(map(repr, bad[:5]))}; map them to 0 and 1")
     print(f"Found {len(data['train']):,} train and {len(data['test']):,} test reviews in {name}")
-    splits = []
     for split, limit in (("train", cfg.max_train_samples), ("test", cfg.max_eval_samples)):
         reviews = data[split].select_columns(["text", "label"])
         kept = reviews.filter(lambda batch: [isinstance(t, str) and t.strip() != "" for t in batch["text"]],
@@ -561,20 +542,21 @@ def read_reviews(name):
     """From the Hub, or a local folder: Stanford's aclImdb layout, or train.* and test.* files."""
     path = Path(name).expanduser()
     if all((path / split / kind).is_dir() for split in ("train", "test") for kind in ("pos", "neg")):
-        splits = {}  # aclImdb: one .txt per review; the folder name is the label
-        for split in ("train", "test"):
-            files = [(label, file) for label, kind in enumerate(("neg", "pos"))
-                     for file in sorted((path / split / kind).glob("*.txt"))]
-            splits[split] = datasets.Dataset.from_dict({
-                "text": [file.read_text(encoding="utf-8", errors="replace") for _, file in files],
-                "label": [label for label, _ in files]})
-        return datasets.DatasetDict(splits)
+        # aclImdb: one .txt per review, the folder name is the label
+        files = {split: [(label, file) for label, kind in enumerate(("neg", "pos"))
+                         for file in sorted((path / split / kind).glob("*.txt"))] for split in ("train", "test")}
+        return datasets.DatasetDict({split: datasets.Dataset.from_dict({
+            "text": [file.read_text(encoding="utf-8", errors="replace") for _, file in pairs],
+            "label": [label for label, _ in pairs]}) for split, pairs in files.items()})
     if path.is_dir() and not (any(path.glob("train.*")) and any(path.glob("test.*"))):
         raise UserError(
             f"--dataset_name {name}: the folder holds neither the aclImdb layout (train/pos, train/neg, test/pos, "
             f"test/neg) nor train.* and test.* files in one format (parquet, csv or jsonl); add them or point elsewhere")
     with loading("--dataset_name", name):  # datasets reads train.* and test.* files by their names
         return datasets.load_dataset(str(path) if path.is_dir() else name)
+
+def read_json(path):  # a results.json or log_history.json; {} if there is none
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
 
 
 # -----------------------------------------------------------------------------
@@ -690,9 +672,12 @@ class Watch(TrainerCallback):
 # -----------------------------------------------------------------------------
 # reliability: resume, clean stops, safe saves
 
+def output_dir(cfg):
+    return Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
+
 def prepare_run(cfg):
     check_hub_reachable(cfg.model_name, cfg.dataset_name)
-    out_dir = Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
+    out_dir = output_dir(cfg)
     check_output_dir(out_dir)  # fail now, not after training, if the results could not be saved
     checkpoints = out_dir / "checkpoints"
     resume_from = find_resume_checkpoint(cfg, checkpoints)
@@ -745,30 +730,25 @@ def save_atomically(out_dir, write):
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
-def last_complete_checkpoint(folder):  # the Trainer writes trainer_state.json last
-    found = [p for p in Path(folder).glob("checkpoint-*")
-             if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
-
 # The settings that must match for a checkpoint to be resumed (not the speed or output ones).
 RUN_SETTINGS = ["model_name", "dataset_name", "max_length", "max_train_samples", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "full_finetune", "learning_rate", "full_learning_rate", "batch_size",
                 "gradient_accumulation_steps", "num_epochs", "seed", "group_by_length"]
 
 def find_resume_checkpoint(cfg, folder):
-    checkpoint = last_complete_checkpoint(folder) if cfg.resume and folder.is_dir() else None
-    saved = json.loads((folder / "run_settings.json").read_text()) if (folder / "run_settings.json").exists() else {}
-    for name in RUN_SETTINGS if checkpoint else []:
+    """The last complete checkpoint (the Trainer writes trainer_state.json last) of a run with these settings."""
+    found = [p for p in Path(folder).glob("checkpoint-*")
+             if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()] if cfg.resume else []
+    saved = read_json(Path(folder) / "run_settings.json")
+    for name in RUN_SETTINGS if found else []:
         if saved.get(name) != getattr(cfg, name):
             raise UserError(f"{folder} holds an interrupted run with other settings (--{name} was "
                             f"{saved.get(name)!r}, now {getattr(cfg, name)!r}); pass --resume false to start over "
                             f"(its checkpoints are deleted) or choose another --output_dir")
-    return checkpoint
+    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
-@contextlib.contextmanager
-def stopping_cleanly(cfg, run, trainer):
-    """Write the settings beside the checkpoints (a rerun resumes only with the same ones), watch the
-    training, and turn Ctrl-C or a kill into one line saying what a rerun will do."""
+def watch_training(cfg, run, trainer):
+    """Write the settings beside the checkpoints (a rerun resumes only with the same ones) and watch the training."""
     if trainer.is_world_process_zero():
         Path(run.checkpoints).mkdir(parents=True, exist_ok=True)
         (Path(run.checkpoints) / "run_settings.json").write_text(json.dumps({n: getattr(cfg, n) for n in RUN_SETTINGS}))
@@ -778,27 +758,18 @@ def stopping_cleanly(cfg, run, trainer):
     if run.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.add_callback(Watch(trainer, save_seconds=60 * cfg.save_minutes))
-    try:
-        yield
-    except KeyboardInterrupt:
-        checkpoint = last_complete_checkpoint(run.checkpoints)
-        raise UserError(f"Training stopped at step {trainer.state.global_step}; " + (
-            f"the last checkpoint is {checkpoint}: run the same command again to resume from it" if checkpoint
-            else "no checkpoint was saved yet, so the same command starts over")) from None
 
 def stopped(cfg, args):
-    """The line after a Ctrl-C outside training. Saves are atomic: only checkpoints can be left."""
+    """The line after Ctrl-C or a kill. Saves are atomic: only checkpoints can be left, and a rerun finds them."""
     if args is not None and args.compare:
         return "Stopped the comparison; the same command goes on from the run it stopped in."
     if cfg is None or args.predict or args.merge:
         return "Stopped; nothing was left half-written."
-    try:
-        checkpoint = find_resume_checkpoint(cfg, Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
-                                            / "checkpoints")
-    except UserError:  # another run's
-        checkpoint = None
-    return f"Stopped; the last checkpoint is {checkpoint}: run the same command again to resume from it" if (
-        checkpoint) else "Stopped before this run saved a checkpoint: the same command starts over."
+    with contextlib.suppress(UserError):  # (another run's checkpoints: this one starts over)
+        if checkpoint := find_resume_checkpoint(cfg, output_dir(cfg) / "checkpoints"):
+            return f"Stopped; the last checkpoint is {checkpoint}: run the same command again to resume from it"
+    return ("Stopped before this run saved a checkpoint: the same command starts over." if cfg.resume else
+            "Stopped; with --resume false the same command starts over.")
 
 def checkpoint_arguments(cfg):
     # A LoRA checkpoint is a few MB; a full fine-tuning one ~1.5 GB (the weights and AdamW's state).
@@ -807,7 +778,7 @@ def checkpoint_arguments(cfg):
 
 
 # -----------------------------------------------------------------------------
-# device and precision
+# device and precision, and how long a CPU run will take
 
 def is_main_process():  # under torchrun every process runs this file; the first one prints and saves
     return int(os.environ.get("RANK", "0")) == 0
@@ -853,17 +824,16 @@ def describe_run(cfg, run, trainer):
     print(f"Training on {n_train:,} reviews, evaluating on {n_test:,}; {cfg.num_epochs} epoch"
           f"{'s' * (cfg.num_epochs != 1)} x {steps:,} steps of {per_step} reviews = {steps * cfg.num_epochs:,} "
           f"steps, learning rate {trainer.args.learning_rate:g}")
-    if run.device != "cpu" or run.resume_from:
-        return
-    step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
-    quick = QUICK_RUN
-    bigger = n_train > quick["max_train_samples"] or n_test > quick["max_eval_samples"] or \
-        cfg.num_epochs > quick["num_epochs"] or cfg.max_length > quick["max_length"]
-    total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
-    print(f"No GPU found: training runs on the CPU. One step takes "
-          f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs roughly "
-          f"{total}.{' For a quick run:' + ''.join(f' --{k} {v}' for k, v in quick.items()) if bigger else ''}")
+    if run.device == "cpu" and not run.resume_from:
+        step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
+        sizes = {"max_train_samples": n_train, "max_eval_samples": n_test, "num_epochs": cfg.num_epochs,
+                 "max_length": cfg.max_length}
+        quick = " For a quick run:" + "".join(f" --{k} {v}" for k, v in QUICK_RUN.items())
+        total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+            f"{seconds / 3600:.1f} h"
+        print(f"No GPU found: training runs on the CPU. One step takes "
+              f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs "
+              f"roughly {total}.{quick if any(size > QUICK_RUN[key] for key, size in sizes.items()) else ''}")
 
 def estimate_cpu_time(cfg, run, trainer):
     """Time one real training step on reviews of average length, and scale it up: rough, but measured."""
@@ -877,8 +847,7 @@ def estimate_cpu_time(cfg, run, trainer):
         for _ in range(2):  # the first step of a new shape is slower: time the second
             started = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.precision == "bf16"):
-                loss = model(**batch).loss
-            loss.backward()
+                model(**batch).loss.backward()
     seconds = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
     steps = math.ceil(len(train) / cfg.batch_size / run.world) * cfg.num_epochs
@@ -887,12 +856,13 @@ def estimate_cpu_time(cfg, run, trainer):
 
 
 # -----------------------------------------------------------------------------
-# results: results.json, the summary after training, the --compare table
+# results: results.json, the curves, the model card, the summary after training, the --compare table
 
 def collect_results(cfg, run, trainer, trained, metrics):
     model, seconds, n_train = trainer.model, sum(trainer.epoch_seconds), len(trainer.train_dataset)
-    logs = [(log["loss"], log["step"]) for log in trainer.state.log_history if "loss" in log]
-    logged = [(loss, step - before) for (loss, step), (_, before) in zip(logs, [(0, 0)] + logs)]  # (loss, steps)
+    # The whole run's training loss, from the logged ones: the Trainer's covers only the steps since a resume.
+    logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    steps = [step - before for (step, _), (before, _) in zip(logs, [(0, 0)] + logs)]
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     try:
         import resource  # not on Windows
@@ -906,8 +876,8 @@ def collect_results(cfg, run, trainer, trained, metrics):
         # rows: true negative, true positive; columns: predicted negative, predicted positive
         "confusion_matrix": [[metrics["eval_true_negatives"], metrics["eval_false_positives"]],
                              [metrics["eval_false_negatives"], metrics["eval_true_positives"]]],
-        # The whole run's, from the logged losses: the Trainer's training_loss covers only the steps since a resume.
-        "eval_loss": metrics["eval_loss"], "train_loss": sum(loss * n for loss, n in logged) / sum(n for _, n in logged),
+        "eval_loss": metrics["eval_loss"],
+        "train_loss": sum(n * loss for n, (_, loss) in zip(steps, logs)) / sum(steps),
         "trainable_params": trainable, "all_params": total, "trainable_percent": 100 * trainable / total,
         "learning_rate": trainer.args.learning_rate,
         "train_samples": n_train, "eval_samples": len(trainer.eval_dataset),
@@ -918,8 +888,7 @@ def collect_results(cfg, run, trainer, trained, metrics):
         "eval_samples_per_second": metrics.get("eval_samples_per_second"),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if run.device == "cuda" else None,
         "peak_process_memory_gb": peak,
-        "device": run.device_name, "training_precision": run.precision, "processes": run.world,
-        "config": vars(cfg),
+        "device": run.device_name, "training_precision": run.precision, "processes": run.world, "config": vars(cfg),
         **({"resumed_from_step": int(run.resume_from.split("-")[-1])} if run.resume_from else {}),
     }
 
@@ -930,8 +899,8 @@ def save_results(folder, results, trainer):
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     plot_curves({results["method"]: trainer.state.log_history}, folder / "training_curves.png")
-    name = Path(results["config"]["full_output_dir" if results["method"] == "full" else "output_dir"]).name
-    write_model_card(folder, name, results)
+    write_model_card(folder, Path(results["config"][f"{'full_' * (results['method'] == 'full')}output_dir"]).name,
+                     results)
     if (Path(trainer.args.output_dir) / "runs").is_dir():  # TensorBoard's event files, kept with the model
         shutil.copytree(Path(trainer.args.output_dir) / "runs", folder / "runs")
 

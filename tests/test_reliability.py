@@ -201,7 +201,7 @@ sys.exit(ft.main(sys.argv[2:]))
 @pytest.mark.parametrize("phase, says", [
     ("loading", "Stopped before this run saved a checkpoint: the same command starts over."),
     ("estimate", "Stopped before this run saved a checkpoint: the same command starts over."),
-    ("training", "Training stopped at step 3; the last checkpoint is "),
+    ("training", "Stopped; the last checkpoint is "),
     ("evaluation", "Stopped; the last checkpoint is "),  # after training, which saves a last checkpoint
 ])
 def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says, tiny_model, reviews, tmp_path):
