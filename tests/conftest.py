@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one core each, not two threads fighting over each core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def pytest_configure(config):
     """The library warnings the script itself silences (deprecations inside the libraries) stay silent here too."""

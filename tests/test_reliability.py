@@ -260,7 +260,7 @@ def test_without_the_hub_the_error_comes_in_seconds_and_names_the_fix(tmp_path):
     started = time.time()
     done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", tmp_path / "out"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=120)
-    assert time.time() - started < 10
+    assert time.time() - started < 20  # (the libraries' own retries took 53 s; starting Python and torch takes ~7)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     message = done.stderr.strip().splitlines()
     assert len(message) == 1 and "HF_HUB_OFFLINE=1" in message[0] and "Running offline" in message[0], message
