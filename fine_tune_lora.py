@@ -427,14 +427,12 @@ def value_parser(name):
     return parse
 
 def check_config(cfg):
-    for name, value in vars(cfg).items():  # sizes, counts and rates; the seed and dropout have rules of their own
-        if type(value) in (int, float) and name not in ("seed", "lora_dropout", "save_steps", "save_minutes"):
-            if value <= 0:
-                raise UserError(f"--{name} must be greater than 0, got {value}")
+    for name, value in vars(cfg).items():  # sizes, counts and rates (any seed will do)
+        off = name in ("save_steps", "save_minutes")  # 0: no checkpoints by steps, or by time
+        if type(value) in (int, float) and name not in ("seed", "lora_dropout") and (value < 0 or value == 0 and not off):
+            raise UserError(f"--{name} must be {'0 or more' if off else 'greater than 0'}, got {value}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
-    if min(cfg.save_steps, cfg.save_minutes) < 0:
-        raise UserError("--save_steps and --save_minutes must be 0 or more")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     cfg.output_dir, cfg.full_output_dir = (d.rstrip("/\\") or d for d in (cfg.output_dir, cfg.full_output_dir))
