@@ -36,6 +36,11 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+try:
+    import resource  # the peak memory of the process, for results.json; not on Windows
+except ImportError:
+    resource = None
+
 if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback (main() takes over after)
     signal.signal(signal.SIGINT, lambda *_: sys.exit("error: Stopped while loading the libraries; nothing was done."))
 
@@ -232,9 +237,10 @@ def load_saved_model(folder):
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         # An adapter loads the base model named in adapter_config.json, then the adapter and `score` on
         # top. The base model's config knows nothing of this task: its labels and pad token are given here.
-        model = (AutoPeftModelForSequenceClassification if adapter else AutoModelForSequenceClassification
-                 ).from_pretrained(folder, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id,
-                                   id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+        model_class = AutoPeftModelForSequenceClassification if adapter else AutoModelForSequenceClassification
+        model = model_class.from_pretrained(folder, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id,
+                                            id2label=dict(enumerate(LABELS)),
+                                            label2id={label: i for i, label in enumerate(LABELS)})
     model.config.use_cache = False  # a classifier needs no copies of the keys and values (see speed_up)
     return model.eval(), tokenizer
 
@@ -270,12 +276,12 @@ def predict(cfg, texts, adapter_dirs=None):
     print("  ".join(f"{Path(folder).name[:18]:<18}" for folder in folders) + "  text")
     rows = zip(*columns)
     for text in texts:
-        cells = [f"{LABELS[int(p.argmax())]} {p.max():.3f}" for p in next(rows)] if text.strip() else \
-            ["skipped"] * len(folders)
-        text = " ".join("".join(c if c.isprintable() else " " for c in text).split())  # on one short line
-        shown = text if len(text) <= 60 else text[:59] + "…"
-        print("  ".join(f"{cell:<18}" for cell in cells) + "  " + (
-            shown if cells[0] != "skipped" else "(empty text: nothing to classify)"))
+        shown = " ".join("".join(c if c.isprintable() else " " for c in text).split())  # on one short line
+        if text.strip():
+            cells = [f"{LABELS[int(p.argmax())]} {p.max():.3f}" for p in next(rows)]
+        else:
+            cells, shown = ["skipped"] * len(folders), "(empty text: nothing to classify)"
+        print("  ".join(f"{cell:<18}" for cell in cells) + "  " + (shown if len(shown) <= 60 else shown[:59] + "…"))
     if len(kept) < len(texts):
         print(f"Skipped {len(texts) - len(kept)} empty or whitespace-only text(s).")
 
@@ -429,7 +435,7 @@ def value_parser(name):
 def check_config(cfg):
     for name, value in vars(cfg).items():  # sizes, counts and rates (any seed will do)
         off = name in ("save_steps", "save_minutes")  # 0: no checkpoints by steps, or by time
-        if type(value) in (int, float) and name not in ("seed", "lora_dropout") and (value < 0 or value == 0 and not off):
+        if type(value) in (int, float) and name not in ("seed", "lora_dropout") and (value < 0 or not value and not off):
             raise UserError(f"--{name} must be {'0 or more' if off else 'greater than 0'}, got {value}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
@@ -862,12 +868,8 @@ def collect_results(cfg, run, trainer, trained, metrics):
     logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
     steps = [step - before for (step, _), (before, _) in zip(logs, [(0, 0)] + logs)]
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
-    try:
-        import resource  # not on Windows
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # in bytes on macOS, KiB on Linux
-        peak = peak * (1 if sys.platform == "darwin" else 1024) / 1e9
-    except ImportError:
-        peak = None
+    # The process's peak memory, in bytes on macOS, KiB on Linux; not on Windows.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) if resource else None
     return {
         "method": "full" if cfg.full_finetune else "lora",
         **{k: metrics[f"eval_{k}"] for k in ("accuracy", "f1", "precision", "recall")},
@@ -885,7 +887,7 @@ def collect_results(cfg, run, trainer, trained, metrics):
         "train_samples_per_second": None if run.resume_from else n_train * cfg.num_epochs / seconds,
         "eval_samples_per_second": metrics.get("eval_samples_per_second"),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if run.device == "cuda" else None,
-        "peak_process_memory_gb": peak,
+        "peak_process_memory_gb": peak / 1e9 if peak else None,
         "device": run.device_name, "training_precision": run.precision, "processes": run.world, "config": vars(cfg),
         **({"resumed_from_step": int(run.resume_from.split("-")[-1])} if run.resume_from else {}),
     }
