@@ -198,17 +198,19 @@ sys.exit(ft.main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("phase, says", [
-    ("loading", "Stopped before this run saved a checkpoint: the same command starts over."),
-    ("estimate", "Stopped before this run saved a checkpoint: the same command starts over."),
-    ("training", "Stopped; the last checkpoint is "),
-    ("evaluation", "Stopped; the last checkpoint is "),  # after training, which saves a last checkpoint
+@pytest.mark.parametrize("phase, says, extra", [
+    ("loading", "Stopped before this run saved a checkpoint: the same command starts over.", []),
+    ("estimate", "Stopped before this run saved a checkpoint: the same command starts over.", []),
+    ("training", "Stopped; the last checkpoint is ", []),
+    ("evaluation", "Stopped; the last checkpoint is ", []),  # after training, which saves a last checkpoint
+    ("training", "Stopped; with --resume false the same command starts over.", ["--resume", "false"]),
 ])
-def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says, tiny_model, reviews, tmp_path):
+def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says, extra, tiny_model, reviews,
+                                                                   tmp_path):
     from conftest import ROOT
 
     out = tmp_path / "out"
-    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out, *extra]
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-c", PAUSED_AT, phase, *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
