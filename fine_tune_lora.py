@@ -308,9 +308,10 @@ def merge(cfg):
     save_atomically(target, save)
     reloaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
     difference = (before - classify(reloaded, tokenizer, texts, cfg.max_length)).abs().max().item()
-    print(f"Merged {source} into {target} ({(target / 'model.safetensors').stat().st_size / 1e6:.1f} MB); it loads "
-          f"with AutoModelForSequenceClassification alone.\nLargest difference between the logits of the adapter "
-          f"and of the merged model on {len(texts)} texts: {difference:.2e}")
+    size = (target / "model.safetensors").stat().st_size / 1e6
+    print(f"Merged {source} into {target} ({size:.1f} MB); it loads with AutoModelForSequenceClassification alone.")
+    print(f"Largest difference between the logits of the adapter and of the merged model on "
+          f"{len(texts)} texts: {difference:.2e}")
 
 def compare(cfg, argv, variants):
     """Train each variant of the settings (alone, --compare sets LoRA against full fine-tuning) on the same
@@ -546,12 +547,14 @@ def read_reviews(name):
     """From the Hub, or a local folder: Stanford's aclImdb layout, or train.* and test.* files."""
     path = Path(name).expanduser()
     if all((path / split / kind).is_dir() for split in ("train", "test") for kind in ("pos", "neg")):
-        # aclImdb: one .txt per review, the folder name is the label
-        files = {split: [(label, file) for label, kind in enumerate(("neg", "pos"))
-                         for file in sorted((path / split / kind).glob("*.txt"))] for split in ("train", "test")}
-        return datasets.DatasetDict({split: datasets.Dataset.from_dict({
-            "text": [file.read_text(encoding="utf-8", errors="replace") for _, file in pairs],
-            "label": [label for label, _ in pairs]}) for split, pairs in files.items()})
+        splits = {}  # aclImdb: one .txt per review; the folder name is the label
+        for split in ("train", "test"):
+            files = [(label, file) for label, kind in enumerate(("neg", "pos"))
+                     for file in sorted((path / split / kind).glob("*.txt"))]
+            splits[split] = datasets.Dataset.from_dict({
+                "text": [file.read_text(encoding="utf-8", errors="replace") for _, file in files],
+                "label": [label for label, _ in files]})
+        return datasets.DatasetDict(splits)
     if path.is_dir() and not (any(path.glob("train.*")) and any(path.glob("test.*"))):
         raise UserError(
             f"--dataset_name {name}: the folder holds neither the aclImdb layout (train/pos, train/neg, test/pos, "
