@@ -212,8 +212,8 @@ def compute_metrics(eval_prediction):
     would download a metric script from the Hub at run time, and fail offline."""
     labels, predictions = eval_prediction.label_ids, eval_prediction.predictions.argmax(axis=-1)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary", zero_division=0)
-    (true_negatives, false_positives), (false_negatives, true_positives) = confusion_matrix(
-        labels, predictions, labels=[0, 1]).tolist()
+    true_negatives, false_positives, false_negatives, true_positives = confusion_matrix(
+        labels, predictions, labels=[0, 1]).ravel().tolist()
     return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1), "precision": float(precision),
             "recall": float(recall), "true_negatives": true_negatives, "false_positives": false_positives,
             "false_negatives": false_negatives, "true_positives": true_positives}
@@ -493,8 +493,6 @@ def loading(flag, name):
     hf_logging.set_verbosity_error()
     try:
         yield
-    except UserError:
-        raise
     except Exception as error:  # offline, a typo in the name, a folder without weights...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UserError(f"{flag} {name}: could not load it ({reason}); check the name and your connection, "

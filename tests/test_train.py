@@ -1,5 +1,6 @@
 """The tutorial's main path, through the real entry point: train, save, predict, reload."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,11 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "results.json", "README.md",
             "log_history.json", "training_curves.png"} <= {p.name for p in out.iterdir()}
     assert not (out / "checkpoints").exists(), "a finished run keeps no checkpoints"
+    # saved with the usual permissions (safetensors writes its file private), so others can read the folder
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        p.name: oct(0o666 & ~umask) for p in out.iterdir()}
     results = read_results(out)
     assert RESULT_KEYS <= results.keys()
     assert results["accuracy"] >= 0.9, results
