@@ -810,9 +810,9 @@ def pick_device_and_precision(cfg):
               "slower than fp32 (--precision auto would use fp32)")
     return device, name, precision
 
-# What a CPU run suggests when it would take longer: about half an hour on 2 cores without bf16. Its 250
-# steps are few for a new adapter, which learns more of the task in them with larger steps (measured on real
-# pretrained weights: benchmarks/README.md).
+# What a CPU run suggests when it needs more than half an hour, about what this one takes on 2 cores without
+# bf16. Its 250 steps are few for a new adapter, which learns more of the task in them with larger steps
+# (measured on real pretrained weights: benchmarks/README.md).
 QUICK_RUN = {"max_train_samples": 2000, "max_eval_samples": 500, "num_epochs": 1, "max_length": 256,
              "learning_rate": 1e-3}
 
@@ -833,12 +833,13 @@ def describe_run(cfg, run, trainer):
         step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
         sizes = {"max_train_samples": n_train, "max_eval_samples": n_test, "num_epochs": cfg.num_epochs,
                  "max_length": cfg.max_length}
-        quick = " For a quick run:" + "".join(f" --{k} {v}" for k, v in QUICK_RUN.items())
+        bigger = seconds > 30 * 60 and any(size > QUICK_RUN[key] for key, size in sizes.items())
+        quick = " For a quick run:" + "".join(f" --{k} {v}" for k, v in QUICK_RUN.items()) if bigger else ""
         total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
             f"{seconds / 3600:.1f} h"
         print(f"No GPU found: training runs on the CPU. One step takes "
               f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs "
-              f"roughly {total}.{quick if any(size > QUICK_RUN[key] for key, size in sizes.items()) else ''}")
+              f"roughly {total}.{quick}")
 
 def estimate_cpu_time(cfg, run, trainer):
     """Time one real training step on reviews of average length, and scale it up: rough, but measured."""

@@ -2,13 +2,13 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
-from conftest import (TINY_TRAINABLE, base_args, check_model_card, make_reviews, read_results, run_main,
-                      run_script,
-                      write_acl_imdb, write_split_files)
+from conftest import (SCRIPT, TINY_TRAINABLE, base_args, check_model_card, make_reviews, read_results, run_main,
+                      run_script, write_acl_imdb, write_split_files)
 
 RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
                "train_seconds", "train_samples_per_second", "peak_gpu_memory_gb", "adapter_size_mb", "config"}
@@ -35,7 +35,8 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     # what the user reads on screen
     assert f"trainable params: {TINY_TRAINABLE:,}" in done.stdout
     assert "Found 240 train and 120 test reviews" in done.stdout
-    assert "No GPU found" in done.stdout and "--max_train_samples 2000" in done.stdout
+    # a run of seconds gets its estimate, and no advice to make it quicker
+    assert "No GPU found" in done.stdout and "For a quick run" not in done.stdout
     assert re.search(r"^accuracy\s+0\.9\d+$", done.stdout, re.M)
     # the attention mask is left out on purpose (exact for GPT-2, tested): no warning about it
     assert "attention_mask" not in done.stdout + done.stderr
@@ -148,6 +149,19 @@ def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path, capsys):
     matrix = read_results(tmp_path / "out")["confusion_matrix"]
     negatives, positives = sum(matrix[0]), sum(matrix[1])
     assert negatives + positives == 40 and min(negatives, positives) >= 10
+
+
+def test_a_cpu_run_of_hours_suggests_the_quick_run(tiny_model, reviews, tmp_path):
+    """The estimate comes before training; a run that needs more than half an hour gets the quick run's
+    flags (a user would then press Ctrl-C, as this test does)."""
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "100000", "--output_dir", tmp_path / "out"]
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    estimate = next(line for line in process.stdout if line.startswith("No GPU found"))
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert re.search(r"this run needs roughly \d+\.\d h\. For a quick run: --max_train_samples 2000 "
+                     r"--max_eval_samples 500 --num_epochs 1 --max_length 256 --learning_rate 0\.001$", estimate)
 
 
 def test_empty_reviews_are_dropped_and_counted(tiny_model, tmp_path, capsys):
