@@ -25,13 +25,11 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import typing
-import urllib.parse
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -474,16 +472,14 @@ def quiet_libraries():
 def check_hub_reachable(*names):
     """Without a network the libraries retry for a minute before failing: find out in seconds."""
     names = [name for name in names if not Path(name).expanduser().exists() and not looks_like_a_path(name)]
-    proxy = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    if not names or huggingface_hub.constants.HF_HUB_OFFLINE or proxy:  # (a proxy is the libraries' business)
+    if not names or huggingface_hub.constants.HF_HUB_OFFLINE:
         return
-    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
-    except OSError as error:
-        raise UserError(f"cannot reach the Hugging Face Hub at {url.netloc} ({error.strerror or error}) to load "
-                        f"{' and '.join(names)}; set HF_HUB_OFFLINE=1 to use files downloaded before, or pass local "
-                        f"folders (README: Running offline)") from None
+    try:  # through the libraries' own connection, so a proxy they would use is used here too
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=5)
+    except Exception as error:  # no network, a name that does not resolve, a firewall...
+        raise UserError(f"cannot reach the Hugging Face Hub at {huggingface_hub.constants.ENDPOINT} ({error}) to "
+                        f"load {' and '.join(names)}; set HF_HUB_OFFLINE=1 to use files downloaded before, or pass "
+                        f"local folders (README: Running offline)") from None
 
 @contextlib.contextmanager
 def loading(flag, name):
