@@ -258,14 +258,18 @@ def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_ru
 
 def test_without_the_hub_the_error_comes_in_seconds_and_names_the_fix(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") or k == "HF_HOME"}
+    env = {k: v for k, v in env.items() if not k.lower().endswith("_proxy")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", PYTHONUNBUFFERED="1")  # a closed port: no network
-    started = time.time()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", tmp_path / "out"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert time.time() - started < 20  # (the libraries' own retries took 53 s; starting Python and torch takes ~7)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    message = done.stderr.strip().splitlines()
-    assert len(message) == 1 and "HF_HUB_OFFLINE=1" in message[0] and "Running offline" in message[0], message
+    # and behind a proxy that cannot be reached: the check goes through it, as the libraries would
+    behind_a_proxy = {**env, "HF_ENDPOINT": "https://hub.example", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    for environment in (env, behind_a_proxy):
+        started = time.time()
+        done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", tmp_path / "out"], cwd=tmp_path,
+                              capture_output=True, text=True, env=environment, timeout=120)
+        assert time.time() - started < 20  # (the libraries' own retries took 53 s; starting Python and torch ~7)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        message = done.stderr.strip().splitlines()
+        assert len(message) == 1 and "HF_HUB_OFFLINE=1" in message[0] and "Running offline" in message[0], message
     # a name that looks like a file is never sent to the Hub: the sentence is about folders
     (tmp_path / "reviews.csv").write_text("text,label\n")
     done = subprocess.run([sys.executable, str(SCRIPT), "--dataset_name", "reviews.csv"], cwd=tmp_path,
