@@ -54,6 +54,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from tqdm.std import tqdm
 from transformers import (AttentionInterface, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed)
+from transformers import integrations as hf_integrations
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.pytorch_utils import Conv1D
@@ -440,7 +441,14 @@ def check_config(cfg):
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
-    cfg.output_dir, cfg.full_output_dir = (d.rstrip("/\\") or d for d in (cfg.output_dir, cfg.full_output_dir))
+    if cfg.report_to not in ("none", "all", *hf_integrations.get_available_reporting_integrations()):
+        trackers = hf_integrations.INTEGRATION_TO_CALLBACK
+        raise UserError(f"--report_to {cfg.report_to}: " + (f"that tracker is not installed; install it (pip "
+                        f"install {cfg.report_to}) or use none" if cfg.report_to in trackers else
+                        f"not a tracker; use none or one of {', '.join(trackers)}"))
+    # ~ expanded here as the Trainer expands it, or the checkpoints and the saved model would part ways
+    cfg.output_dir, cfg.full_output_dir = (os.path.expanduser(d.rstrip("/\\") or d)
+                                           for d in (cfg.output_dir, cfg.full_output_dir))
     for flag, holding in (("model_name", "config.json and the weights (as save_pretrained writes it), or a Hub id "
                                          "such as gpt2"),
                           ("dataset_name", "train.* and test.* files (parquet, csv or jsonl) or the aclImdb layout, "
@@ -533,6 +541,8 @@ def load_reviews(cfg):
         if len(kept) == 0:
             raise UserError(f"--dataset_name {name}: no {split} reviews are left after dropping empty ones; "
                             f"check the text column")
+        if kept.features["label"].dtype != "int64":  # labels read as 1.0 or True: the loss takes whole numbers
+            kept = kept.cast_column("label", datasets.Value("int64"))
         # A random subset, not the first rows: IMDB is sorted by label, so those would all be negative.
         splits.append(kept.shuffle(seed=cfg.seed).select(range(limit)) if limit and limit < len(kept) else kept)
     return splits
@@ -692,6 +702,9 @@ def prepare_run(cfg):
 
 def check_output_dir(out_dir):
     out = Path(out_dir)
+    if Path.cwd().is_relative_to(out.resolve()):  # a save replaces the folder: it cannot be the one we are in
+        raise UserError(f"--output_dir {out_dir} is the current folder or holds it, and saving replaces the whole "
+                        f"output folder; give a folder of its own, such as {OUTPUT_DIR}")
     if not out.exists():  # a crash between save_atomically's two renames leaves the old folder hidden
         for old in sorted(out.parent.glob(f".{out.name}.old-*"))[:1]:
             os.rename(old, out)

@@ -4,6 +4,7 @@ import time
 import pandas as pd
 import pytest
 from conftest import base_args, run_script, write_split_files
+from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 import fine_tune_lora
 
@@ -27,6 +28,8 @@ def two_files(folder, train, test, suffix="parquet"):
             pd.DataFrame(frame).to_csv(folder / f"{split}.csv", index=False)
     return folder
 
+
+NOT_INSTALLED = next(name for name in INTEGRATION_TO_CALLBACK if name not in get_available_reporting_integrations())
 
 CASES = {
     "missing folder": (lambda tmp: ["--dataset_name", tmp / "no-such-folder"], ["no such folder"]),
@@ -58,6 +61,8 @@ CASES = {
                                                 ["--compare variant '--lora_r four'", "whole number"]),
     "two --compare variants the same": (lambda tmp: ["--compare", "--lora_r 8", ""],
                                         ["'--lora_r 8' and 'base settings'", "same settings"]),
+    "an unknown tracker": (lambda tmp: ["--report_to", "tensorbored"], ["--report_to tensorbored", "tensorboard"]),
+    "a tracker not installed": (lambda tmp: ["--report_to", NOT_INSTALLED], [NOT_INSTALLED, "not installed"]),
     "fp16 without a GPU": (lambda tmp: ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU", "use auto"]),
 }
 
@@ -113,3 +118,15 @@ def test_sample_files_are_accepted_in_every_format(tmp_path):
     for fmt in ("parquet", "csv", "jsonl"):
         data = fine_tune_lora.read_reviews(str(write_split_files(tmp_path / fmt, fmt, n_train=10, n_test=6)))
         assert (len(data["train"]), len(data["test"])) == (10, 6)
+
+
+def test_the_folder_you_are_in_is_refused_as_the_output_dir(tiny_model, reviews, tmp_path, monkeypatch, capsys):
+    """A save replaces the output folder as a whole, which the current folder (or one holding it) cannot be:
+    it used to train, then fail on saving with a traceback and lose the adapter."""
+    here = tmp_path / "work" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    for out in (".", "", "..", here):
+        status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", out)
+        assert status == 1 and len(errors) == 1 and "is the current folder or holds it" in errors[0], errors
+    assert list(here.iterdir()) == [] and list((tmp_path / "work").iterdir()) == [here]

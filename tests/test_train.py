@@ -118,13 +118,16 @@ def test_reloaded_adapter_reproduces_the_reported_accuracy(trained, reviews):
     assert accuracy == pytest.approx(read_results(out)["accuracy"], abs=1 / len(test) + 1e-9)
 
 
-@pytest.mark.parametrize("layout", ["aclImdb", "csv", "jsonl"])
+@pytest.mark.parametrize("layout", ["aclImdb", "csv", "jsonl", "jsonl, labels 0.0 and 1.0"])
 def test_each_local_data_layout_trains(tiny_model, tmp_path, layout, capsys):
     data = tmp_path / "data"
     if layout == "aclImdb":
         write_acl_imdb(data, n_train=64, n_test=32)
     else:
-        write_split_files(data, layout, n_train=64, n_test=32)
+        write_split_files(data, layout.split(",")[0], n_train=64, n_test=32)
+    if "0.0" in layout:  # as some tools write them; the loss needs whole numbers
+        for file in data.iterdir():
+            file.write_text(re.sub(r'"label":(\d)', r'"label":\1.0', file.read_text()))
     done = run_main(capsys, *base_args(tiny_model, data), "--num_epochs", "1", "--output_dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Found 64 train and 32 test reviews" in done.stdout
@@ -196,6 +199,21 @@ def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews
                       "--lora_r", "4", "--output_dir", tmp_path / "r4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_results(tmp_path / "r4")["trainable_params"] == 2 * 4 * (64 + 192) + 64 * 2
+
+
+def test_an_output_dir_under_home_written_with_a_tilde_gets_everything(tiny_model, reviews, tmp_path, monkeypatch,
+                                                                        capsys):
+    """--output_dir=~/adapter (the shell leaves that ~ alone): the Trainer expands it, so the script does too;
+    before, the checkpoints went to the home folder and the adapter to a folder named ~ here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "16",
+                    "--save_steps", "1", "--output_dir=~/adapter")
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = tmp_path / "home" / "adapter"
+    assert (saved / "adapter_config.json").exists() and not (saved / "checkpoints").exists()
+    assert not (tmp_path / "~").exists()
+    assert f"saved to               {saved}" in done.stdout
 
 
 def test_another_kind_of_model_trains_and_predicts(tiny_llama, reviews, tmp_path, capsys):
