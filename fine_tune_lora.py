@@ -454,6 +454,10 @@ def check_config(cfg):
                           ("dataset_name", "train.* and test.* files (parquet, csv or jsonl) or the aclImdb layout, "
                                            "or a Hub id such as imdb")):
         name = getattr(cfg, flag)
+        if flag == "model_name" and (base := read_json(Path(name).expanduser() / "adapter_config.json")):
+            raise UserError(f"--model_name {name} is a LoRA adapter, not a model; train on its base model "
+                            f"(--model_name {base.get('base_model_name_or_path')}), or merge the adapter into it "
+                            f"(--merge --output_dir {name}) and give the merged folder")
         if flag == "model_name" and Path(name).expanduser().is_dir():  # kept whole: the adapter records its base
             cfg.model_name = str(Path(name).expanduser().resolve())
         elif looks_like_a_path(name) and not Path(name).expanduser().is_dir():

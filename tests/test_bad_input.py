@@ -1,4 +1,5 @@
 """Bad input gets one clear line naming the problem and a non-zero exit, not a traceback."""
+import json
 import time
 
 import pandas as pd
@@ -29,6 +30,12 @@ def two_files(folder, train, test, suffix="parquet"):
     return folder
 
 
+def adapter_folder(folder, base):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    return folder
+
+
 NOT_INSTALLED = next(name for name in INTEGRATION_TO_CALLBACK if name not in get_available_reporting_integrations())
 
 CASES = {
@@ -53,6 +60,8 @@ CASES = {
     "unknown flag": (lambda tmp: ["--lora_rank", "8"], ["unrecognized arguments: --lora_rank"]),
     "negative sample count": (lambda tmp: ["--max_train_samples", "-5"], ["--max_train_samples", "-5"]),
     "missing model folder": (lambda tmp: ["--model_name", tmp / "no-model"], ["--model_name", "no such folder"]),
+    "an adapter for the model": (lambda tmp: ["--model_name", adapter_folder(tmp / "adapter", base="gpt2")],
+                                 ["is a LoRA adapter, not a model", "--model_name gpt2", "--merge"]),
     "a file for the data": (lambda tmp: ["--dataset_name", (tmp / "reviews.csv").write_text("text,label\n") and
                                          tmp / "reviews.csv"], ["that is a file", "give a folder holding train.*"]),
     "a file name for the data": (lambda tmp: ["--dataset_name", "imdb.csv"], ["imdb.csv: no such folder", "folder"]),
