@@ -439,6 +439,8 @@ def check_config(cfg):
             raise UserError(f"--{name} must be {'0 or more' if off else 'greater than 0'}, got {value}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
+    if isinstance(cfg.target_modules, str):  # TARGET_MODULES = "c_attn c_proj" edited in: a list of names
+        cfg.target_modules = cfg.target_modules.split()
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     if cfg.report_to not in ("none", "all", *hf_integrations.get_available_reporting_integrations()):

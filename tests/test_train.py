@@ -186,7 +186,7 @@ def test_a_flag_overrides_its_constant_like_editing_the_file(tiny_model, reviews
     from_flag, _ = fine_tune_lora.parse_args(["--lora_r", "4", "--target_modules", "c_attn", "c_proj",
                                               "--max_train_samples", "none", "--full_finetune"])
     monkeypatch.setattr(fine_tune_lora, "LORA_R", 4)
-    monkeypatch.setattr(fine_tune_lora, "TARGET_MODULES", ["c_attn", "c_proj"])
+    monkeypatch.setattr(fine_tune_lora, "TARGET_MODULES", "c_attn c_proj")  # a string edited in: its names
     monkeypatch.setattr(fine_tune_lora, "MAX_TRAIN_SAMPLES", 300)
     monkeypatch.setattr(fine_tune_lora, "FULL_FINETUNE", True)
     edited, _ = fine_tune_lora.parse_args(["--max_train_samples", "none"])
