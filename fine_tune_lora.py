@@ -61,10 +61,6 @@ from transformers.pytorch_utils import Conv1D
 from transformers.trainer_pt_utils import DistributedLengthGroupedSampler
 from transformers.utils import logging as hf_logging
 
-# Two deprecation notices raised inside the libraries themselves, not by anything this script does.
-KNOWN_LIBRARY_WARNINGS = ".*(null_placement|is_gradient_checkpointing).*"
-warnings.filterwarnings("ignore", message=KNOWN_LIBRARY_WARNINGS)
-
 
 # -----------------------------------------------------------------------------
 # settings: edit them here, or pass --lowercase_name VALUE
@@ -111,6 +107,10 @@ REPORT_TO = "none"  # also send the logs to a tracker: "tensorboard" (pip instal
 
 CONSTANTS = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
 LABELS = ["negative", "positive"]  # IMDB's label 0 and 1
+
+# Two deprecation notices raised inside the libraries themselves, not by anything this script does.
+KNOWN_LIBRARY_WARNINGS = ".*(null_placement|is_gradient_checkpointing).*"
+warnings.filterwarnings("ignore", message=KNOWN_LIBRARY_WARNINGS)
 
 
 # -----------------------------------------------------------------------------

@@ -242,8 +242,12 @@ def test_help_lists_every_constant_with_default_and_comment(capsys):
     done = run_main(capsys, "--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for name in fine_tune_lora.CONSTANTS:
-        assert f"--{name.lower()}" in text
+    # the settings block's constants, each a flag, and no other flag but the actions
+    block = SCRIPT.read_text().split("# settings:")[1].split("# " + "-" * 77 + "\n\n")[0]
+    settings = re.findall(r"^([A-Z][A-Z0-9_]*)\s*[:=]", block, re.M)
+    assert len(settings) > 20 and fine_tune_lora.CONSTANTS == settings
+    assert set(re.findall(r"--\w+", text.split("options:")[1])) == {f"--{name.lower()}" for name in settings} | {
+        "--help", "--predict", "--adapters", "--merge", "--compare"}
     assert "rank of the update" in text and "(default: 8)" in text
     assert "(default: ['c_attn'])" in text
 
