@@ -229,8 +229,12 @@ def load_saved_model(folder):
         raise UserError(f"{folder} {'holds no saved adapter or model' if folder.exists() else 'does not exist'}; "
                         f"train one first (python {Path(__file__).name}) or point --output_dir at the folder you "
                         f"trained into")
-    if adapter:
-        check_hub_reachable(PeftConfig.from_pretrained(folder).base_model_name_or_path)
+    if adapter:  # the base model is loaded from where it was when the adapter was trained
+        base = PeftConfig.from_pretrained(folder).base_model_name_or_path
+        if looks_like_a_path(base) and not Path(base).exists():
+            raise UserError(f"{folder} is an adapter for the model in {base}, which is not there any more; put "
+                            f"it back, or set base_model_name_or_path in {folder / 'adapter_config.json'} to where it is")
+        check_hub_reachable(base)
     with loading("--output_dir", folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

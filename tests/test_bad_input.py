@@ -98,6 +98,15 @@ def test_predict_without_an_adapter_says_so(tmp_path, capsys):
         assert str(folder) in errors[0] and "train" in errors[0]
 
 
+def test_an_adapter_whose_base_model_folder_moved_says_so(tmp_path, capsys):
+    """adapter_config.json records the base model's folder; if it has moved, say that, for --predict and --merge."""
+    adapter = adapter_folder(tmp_path / "adapter", base=str(tmp_path / "my-gpt2"))
+    for action in (["--predict", "Great film."], ["--merge"]):
+        status, errors = run_main(capsys, "--output_dir", adapter, *action)
+        assert status == 1 and len(errors) == 1
+        assert f"model in {tmp_path / 'my-gpt2'}, which is not there any more" in errors[0], errors
+        assert "base_model_name_or_path" in errors[0] and not (tmp_path / "adapter-merged").exists()
+
 def test_a_real_process_exits_non_zero_without_a_traceback(tiny_model, tmp_path):
     done = run_script("--model_name", tiny_model, "--dataset_name", tmp_path / "nowhere", "--output_dir",
                       tmp_path / "out")
