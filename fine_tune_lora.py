@@ -1041,7 +1041,8 @@ def plan_comparison(cfg, argv, variants):
         try:
             settings, _ = parse_args(args)
         except UserError as error:
-            raise UserError(f"--compare variant {name!r}: {error}") from None
+            hint = " " not in name and '; variants go last, each quoted whole: --compare "--lora_r 4" "--lora_r 16"'
+            raise UserError(f"--compare variant {name!r}: {error}{hint or ''}") from None
         key = json.dumps({k: getattr(settings, k) for k in RUN_SETTINGS}, sort_keys=True)
         if key in seen:
             raise UserError(f"--compare variants {seen[key]!r} and {name!r} train with the same settings; drop one")

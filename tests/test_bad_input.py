@@ -68,6 +68,8 @@ CASES = {
     "a mistyped flag": (lambda tmp: ["--lora-r", "4"], ["--lora-r", "did you mean --lora_r?"]),
     "a --compare variant that does not parse": (lambda tmp: ["--compare", "--lora_r 4", "--lora_r four"],
                                                 ["--compare variant '--lora_r four'", "whole number"]),
+    "a --compare variant not quoted": (lambda tmp: ["--compare", "--lora_r", "4"],
+                                       ["--compare variant '--lora_r'", 'each quoted whole: --compare "--lora_r 4"']),
     "two --compare variants the same": (lambda tmp: ["--compare", "--lora_r 8", ""],
                                         ["'--lora_r 8' and 'base settings'", "same settings"]),
     "an unknown tracker": (lambda tmp: ["--report_to", "tensorbored"], ["--report_to tensorbored", "tensorboard"]),
