@@ -226,9 +226,7 @@ def load_saved_model(folder):
     folder = Path(folder)
     adapter = (folder / "adapter_config.json").exists()
     if not adapter and not (folder / "config.json").exists():
-        raise UserError(f"{folder} {'holds no saved adapter or model' if folder.exists() else 'does not exist'}; "
-                        f"train one first (python {Path(__file__).name}) or point --output_dir at the folder you "
-                        f"trained into")
+        raise UserError(nothing_saved(folder, "saved adapter or model"))
     if adapter:  # the base model is loaded from where it was when the adapter was trained
         base = PeftConfig.from_pretrained(folder).base_model_name_or_path
         if looks_like_a_path(base) and not Path(base).exists():
@@ -247,6 +245,13 @@ def load_saved_model(folder):
     model.config.use_cache = False  # a classifier needs no copies of the keys and values (see speed_up)
     return model.eval(), tokenizer
 
+def nothing_saved(folder, what):
+    """Why `folder` has no `what` to use, and what to do about it."""
+    if any((folder / "checkpoints").glob("checkpoint-*")):
+        return f"{folder} holds only the checkpoints of an unfinished run; run its training command again to finish it"
+    return (f"{folder} {f'holds no {what}' if folder.exists() else 'does not exist'}; train one first (python "
+            f"{Path(__file__).name}) or point --output_dir at the folder you trained into")
+
 def classify(model, tokenizer, texts, max_length, batch_size=32):
     """The model's two logits (negative, positive) for each text, as a float tensor."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,7 +269,7 @@ def predict(cfg, texts, adapter_dirs=None):
     folders = adapter_dirs or [output_dir(cfg)]
     for folder in adapter_dirs or []:
         if not (Path(folder) / "adapter_config.json").exists():
-            raise UserError(f"--adapters: {folder} holds no adapter (adapter_config.json); train one first")
+            raise UserError("--adapters: " + nothing_saved(Path(folder), "adapter"))
     if adapter_dirs and len(bases := {PeftConfig.from_pretrained(f).base_model_name_or_path for f in adapter_dirs}) > 1:
         raise UserError(f"--adapters were trained on different base models ({', '.join(sorted(bases))}); "
                         f"adapters can share a base only if they were trained on the same one")
@@ -292,7 +297,7 @@ def merge(cfg):
     """Fold the adapter into the base weights and save a plain model, checked against the adapter."""
     source, target = Path(cfg.output_dir), Path(cfg.output_dir + "-merged")
     if not (source / "adapter_config.json").exists():
-        raise UserError(f"{source} holds no adapter to merge; train one first (python {Path(__file__).name})")
+        raise UserError(nothing_saved(source, "adapter to merge"))
     check_output_dir(target)
     model, tokenizer = load_saved_model(source)
     texts = ["One of the best films I have seen this year: moving and funny.", "A tedious, wooden mess.",

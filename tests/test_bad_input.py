@@ -94,10 +94,13 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model, reviews, tmp_path
 
 def test_predict_without_an_adapter_says_so(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    for folder in (tmp_path / "empty", tmp_path / "missing"):
-        status, errors = run_main(capsys, "--output_dir", folder, "--predict", "Great film.")
-        assert status == 1 and len(errors) == 1
-        assert str(folder) in errors[0] and "train" in errors[0]
+    (tmp_path / "unfinished" / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # a run stopped early
+    for folder in (tmp_path / "empty", tmp_path / "missing", tmp_path / "unfinished"):
+        for action in (["--predict", "Great film."], ["--merge"]):
+            status, errors = run_main(capsys, "--output_dir", folder, *action)
+            assert status == 1 and len(errors) == 1
+            assert str(folder) in errors[0] and "train" in errors[0]
+            assert ("checkpoints of an unfinished run" in errors[0]) == (folder.name == "unfinished"), errors[0]
 
 
 def test_an_adapter_whose_base_model_folder_moved_says_so(tmp_path, capsys):
