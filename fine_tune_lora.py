@@ -365,7 +365,8 @@ def main(argv=None):
     except (UserError, KeyboardInterrupt) as error:
         for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
             bar.close()
-        print(f"error: {error if isinstance(error, UserError) else stopped(cfg, args)}", file=sys.stderr, flush=True)
+        if isinstance(error, UserError) or is_main_process():  # under torchrun every process is stopped: one line
+            print(f"error: {error if isinstance(error, UserError) else stopped(cfg, args)}", file=sys.stderr, flush=True)
         return 1
     finally:
         for sig, handler in handlers.items():
