@@ -1046,9 +1046,9 @@ def plan_comparison(cfg, argv, variants):
     for name, args in runs:
         try:
             settings, _ = parse_args(args)
-        except UserError as error:
-            hint = " " not in name and '; variants go last, each quoted whole: --compare "--lora_r 4" "--lora_r 16"'
-            raise UserError(f"--compare variant {name!r}: {error}{hint or ''}") from None
+        except UserError as error:  # a variant of one word that fails: most likely its quotes were left out
+            hint = "" if " " in name else '; variants go last, each quoted whole: --compare "--lora_r 4" "--lora_r 16"'
+            raise UserError(f"--compare variant {name!r}: {error}{hint}") from None
         key = json.dumps({k: getattr(settings, k) for k in RUN_SETTINGS}, sort_keys=True)
         if key in seen:
             raise UserError(f"--compare variants {seen[key]!r} and {name!r} train with the same settings; drop one")
