@@ -705,6 +705,11 @@ def output_dir(cfg):
 def prepare_run(cfg):
     check_hub_reachable(cfg.model_name, cfg.dataset_name)
     out_dir = output_dir(cfg)
+    for flag in ("model_name", "dataset_name"):  # a save replaces the output folder: never one it reads from
+        source = Path(getattr(cfg, flag)).expanduser()
+        if source.exists() and source.resolve().is_relative_to(out_dir.resolve()):
+            raise UserError(f"--output_dir {out_dir} holds --{flag} {getattr(cfg, flag)}, which saving would "
+                            f"delete; give the output a folder of its own, such as {OUTPUT_DIR}")
     check_output_dir(out_dir)  # fail now, not after training, if the results could not be saved
     checkpoints = out_dir / "checkpoints"
     resume_from = find_resume_checkpoint(cfg, checkpoints)

@@ -1,5 +1,6 @@
 """Bad input gets one clear line naming the problem and a non-zero exit, not a traceback."""
 import json
+import shutil
 import time
 
 import pandas as pd
@@ -126,6 +127,17 @@ def test_an_output_dir_that_cannot_be_written_fails_before_training(tiny_model, 
     status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", blocker / "adapter")
     assert status == 1 and "not writable" in errors[0]
     assert "Training on" not in capsys.readouterr().out
+
+
+def test_the_model_or_data_folder_is_refused_as_the_output_dir(tiny_model, reviews, tmp_path, capsys):
+    """It looks like a saved model, so it would have been replaced by the adapter: the user's GPT-2, lost."""
+    model = tmp_path / "my-gpt2"
+    shutil.copytree(tiny_model, model)
+    before = sorted(p.name for p in model.iterdir())
+    for flag, out in (("--model_name", model), ("--model_name", tmp_path), ("--dataset_name", reviews)):
+        status, errors = run_main(capsys, *base_args(model, reviews), "--output_dir", out)
+        assert status == 1 and len(errors) == 1 and f"holds {flag}" in errors[0] and "would delete" in errors[0]
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 def test_an_output_dir_holding_other_files_is_not_replaced(tiny_model, reviews, tmp_path, capsys):
