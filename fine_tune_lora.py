@@ -732,8 +732,7 @@ def check_output_dir(out_dir):
             print(f"Restored {out} from an interrupted save")
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out_dir} is a file; give a folder name")
-    if out.is_dir() and any(out.iterdir()) and not {"adapter_config.json", "config.json", "results.json",
-                                                    "checkpoints"} & {p.name for p in out.iterdir()}:
+    if out.is_dir() and any(out.iterdir()) and not saved_by_this_script(out):
         raise UserError(f"--output_dir {out_dir} already holds files that are not a saved model; "
                         f"it would be replaced, so give a new or empty folder")
     try:
@@ -743,6 +742,15 @@ def check_output_dir(out_dir):
     except OSError as error:
         raise UserError(f"--output_dir {out_dir} is not writable ({error.strerror}); "
                         f"choose a folder you can write to") from None
+
+def saved_by_this_script(folder):
+    """An adapter or a model and its results, a model's config beside its weights, or an unfinished run:
+    what the next save may replace. A folder of anything else is never replaced."""
+    checkpoints = folder / "checkpoints"
+    return ((folder / "adapter_config.json").exists() or (folder / "results.json").exists()
+            or (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+            or checkpoints.is_dir() and all(p.name in ("run_settings.json", "runs") or p.name.startswith("checkpoint-")
+                                            for p in checkpoints.iterdir()))
 
 def save_atomically(out_dir, write):
     """Write a folder beside `out_dir`, then swap it in: a crash leaves the old folder or the new one,

@@ -140,10 +140,15 @@ def test_the_model_or_data_folder_is_refused_as_the_output_dir(tiny_model, revie
     assert sorted(p.name for p in model.iterdir()) == before
 
 
-def test_an_output_dir_holding_other_files_is_not_replaced(tiny_model, reviews, tmp_path, capsys):
+@pytest.mark.parametrize("beside", [None, "config.json", "checkpoints/epoch=3.ckpt"])
+def test_an_output_dir_holding_other_files_is_not_replaced(tiny_model, reviews, tmp_path, capsys, beside):
+    """Other files, even beside a config.json or in a checkpoints folder of another tool, are never replaced."""
     precious = tmp_path / "my-documents"
     precious.mkdir()
     (precious / "thesis.txt").write_text("years of work")
+    if beside:
+        (precious / beside).parent.mkdir(exist_ok=True)
+        (precious / beside).write_text("{}")
     status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", precious)
     assert status == 1 and "not a saved model" in errors[0]
     assert (precious / "thesis.txt").read_text() == "years of work"
