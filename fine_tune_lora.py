@@ -18,6 +18,7 @@ The lesson is fine_tune(), in six numbered steps; nothing below the fence is nee
 import argparse
 import contextlib
 import difflib
+import errno
 import json
 import math
 import os
@@ -362,11 +363,18 @@ def main(argv=None):
             compare(cfg, [arg for arg in argv if arg != "--compare"], variants)
         else:
             fine_tune(cfg)
-    except (UserError, KeyboardInterrupt) as error:
+    except (Exception, KeyboardInterrupt) as error:
+        # A full disk is the one failure besides the input that the user can fix: it gets its line too.
+        disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+        if not isinstance(error, (UserError, KeyboardInterrupt)) and not disk_full:
+            raise
         for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
             bar.close()
-        if isinstance(error, UserError) or is_main_process():  # under torchrun every process is stopped: one line
-            print(f"error: {error if isinstance(error, UserError) else stopped(cfg, args)}", file=sys.stderr, flush=True)
+        message = str(error) if isinstance(error, UserError) else stopped(cfg, args)
+        if disk_full:
+            message = f"the disk is full; free some space, or give --output_dir a folder on another disk. {message}"
+        if not isinstance(error, KeyboardInterrupt) or is_main_process():  # under torchrun every process stops
+            print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
     finally:
         for sig, handler in handlers.items():

@@ -231,6 +231,36 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says,
     assert ("Resuming from" in rerun.stdout) == ("checkpoint is" in says)
 
 
+# The real entry point in a real process, on a disk that fills up when the checkpoint of step 4 is written.
+# (The tokenizers library reports it as a plain Exception with the system's words; torch as an OSError.)
+DISK_FULL_AT_STEP_4 = """
+import sys
+import fine_tune_lora as ft
+
+save = ft.FastTrainer._save_checkpoint
+def save_until_full(self, *args, **kwargs):
+    if self.state.global_step >= 4:
+        raise Exception("No space left on device (os error 28)")
+    return save(self, *args, **kwargs)
+ft.FastTrainer._save_checkpoint = save_until_full
+sys.exit(ft.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_from(tiny_model, reviews, tmp_path):
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_AT_STEP_4, *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the disk is full; free some space, or give --output_dir a folder on another disk. Stopped; the "
+        f"last checkpoint is {out / 'checkpoints' / 'checkpoint-2'}: run the same command again to resume from it")
+    rerun = run_script(*args)
+    assert rerun.returncode == 0 and "Resuming from" in rerun.stdout and "(step 2)" in rerun.stdout
+
 def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_runs_figures(tiny_model, reviews,
                                                                                           tmp_path):
     """About 250 LoRA steps with the default checkpoint settings: a checkpoint exists before the run
