@@ -15,10 +15,12 @@ Every constant below can be set from the command line as --lowercase_name VALUE
 (--lora_r 16, --target_modules c_attn c_proj, --max_train_samples none); --help lists them all.
 The lesson is fine_tune(), in six numbered steps; nothing below the fence is needed to learn LoRA.
 """
+import _thread
 import argparse
 import contextlib
 import difflib
 import errno
+import importlib.metadata
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing
 import warnings
@@ -42,6 +45,24 @@ except ImportError:
 
 if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback (main() takes over after)
     signal.signal(signal.SIGINT, lambda *_: sys.exit("error: Stopped while loading the libraries; nothing was done."))
+
+def check_versions(needed={"torch": "2.11", "transformers": "5.17", "datasets": "5.2", "peft": "0.21", "accelerate": "1.15"}):
+    """Older releases fail late, with a traceback (transformers 4 after tokenizing every review): say so at once."""
+    if sys.version_info < (3, 10):
+        sys.exit(f"error: this script needs Python 3.10 or newer, as transformers 5 does; this is {sys.version.split()[0]}")
+    old = {}
+    for name, minimum in needed.items():
+        try:
+            found = f"found {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            found = "not installed"
+        if [int(n) for n in re.findall(r"\d+", found)[:2]] < [int(n) for n in minimum.split(".")]:
+            old[f"{name}>={minimum}"] = f"{name} >= {minimum} ({found})"
+    if old:
+        sys.exit(f"error: this script needs {', '.join(old.values())}; run: pip install -U "
+                 + " ".join(f'"{requirement}"' for requirement in old))
+
+check_versions()
 
 import datasets
 import huggingface_hub
@@ -267,8 +288,9 @@ def classify(model, tokenizer, texts, max_length, batch_size=32):
 
 def predict(cfg, texts, adapter_dirs=None):
     """Print a row per text: the label and its probability, for each model (a column each)."""
+    adapter_dirs = [os.path.expanduser(folder) for folder in adapter_dirs or []]  # quoted, "~/a" is not expanded
     folders = adapter_dirs or [output_dir(cfg)]
-    for folder in adapter_dirs or []:
+    for folder in adapter_dirs:
         if not (Path(folder) / "adapter_config.json").exists():
             raise UserError("--adapters: " + nothing_saved(Path(folder), "adapter"))
     if adapter_dirs and len(bases := {PeftConfig.from_pretrained(f).base_model_name_or_path for f in adapter_dirs}) > 1:
@@ -348,6 +370,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # Ctrl-C, or a kill (SIGTERM), at any moment: one line saying what is kept, never a traceback.
     handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Python prints and ignores an exception raised in a finalizer (__del__), so a Ctrl-C landing in one
+    # would not stop the run: send it again, a moment later.
+    unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = lambda event: (threading.Timer(0.01, _thread.interrupt_main).start()
+                                        if issubclass(event.exc_type, KeyboardInterrupt) else unraisable_hook(event))
     cfg = args = None
     # --compare takes the rest of the command line: its variants, each one quoted
     variants = argv[argv.index("--compare") + 1:] if "--compare" in argv else []
@@ -379,6 +406,7 @@ def main(argv=None):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = unraisable_hook
     return 0
 
 
@@ -590,8 +618,10 @@ def read_reviews(name):
     with loading("--dataset_name", name):  # datasets reads train.* and test.* files by their names
         return datasets.load_dataset(str(path) if path.is_dir() else name)
 
-def read_json(path):  # a results.json or log_history.json; {} if there is none
-    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+def read_json(path):  # a results.json, run_settings.json...; {} if there is none, or a stop cut it short
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        return json.loads(Path(path).read_text())
+    return {}
 
 
 # -----------------------------------------------------------------------------
@@ -800,7 +830,7 @@ def find_resume_checkpoint(cfg, folder):
 
 def watch_training(cfg, run, trainer):
     """Write the settings beside the checkpoints (a rerun resumes only with the same ones) and watch the training."""
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and not run.resume_from:  # (resumed: the same settings are there)
         Path(run.checkpoints).mkdir(parents=True, exist_ok=True)
         (Path(run.checkpoints) / "run_settings.json").write_text(json.dumps({n: getattr(cfg, n) for n in RUN_SETTINGS}))
     if run.resume_from:

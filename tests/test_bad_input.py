@@ -170,3 +170,21 @@ def test_the_folder_you_are_in_is_refused_as_the_output_dir(tiny_model, reviews,
         status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", out)
         assert status == 1 and len(errors) == 1 and "is the current folder or holds it" in errors[0], errors
     assert list(here.iterdir()) == [] and list((tmp_path / "work").iterdir()) == [here]
+
+
+def test_libraries_too_old_are_named_before_anything_loads(tmp_path):
+    """transformers 4 (still common) got as far as tokenizing every review, then failed with a traceback."""
+    for name, version in (("transformers", "4.57.6"), ("peft", "0.17.1")):  # shadow the installed versions
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    done = run_script("--help", env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr and not done.stdout
+    assert done.stderr.strip() == ('error: this script needs transformers >= 5.17 (found 4.57.6), peft >= 0.21 (found '
+                                   '0.17.1); run: pip install -U "transformers>=5.17" "peft>=0.21"')
+
+
+def test_the_version_check_and_requirements_txt_agree():
+    requirements = (fine_tune_lora.Path(fine_tune_lora.__file__).parent / "requirements.txt").read_text()
+    for name, minimum in fine_tune_lora.check_versions.__defaults__[0].items():
+        assert f"\n{name}>={minimum}" in requirements, name

@@ -82,13 +82,14 @@ def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, 
     assert results["full"]["adapter_size_mb"] > 10 * results["lora"]["adapter_size_mb"]
 
 
-def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path, capsys):
+def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path, capsys, monkeypatch):
     first, _ = trained
     second = tmp_path / "second"
     done = run_script(*base_args(tiny_model, reviews), "--lora_r", "4", "--lora_alpha", "8", "--target_modules",
                       "c_attn", "c_proj", "--seed", "7", "--output_dir", second)
     assert done.returncode == 0, done.stderr[-2000:]
-    both = run_main(capsys, "--predict", *TEXTS, "--adapters", first, second)
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/second" quoted, as the shell leaves it
+    both = run_main(capsys, "--predict", *TEXTS, "--adapters", first, "~/second")
     assert both.returncode == 0, both.stderr[-2000:]
     header = both.stdout.splitlines()[0].split()
     assert header[:2] == [first.name, second.name]

@@ -231,6 +231,47 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says,
     assert ("Resuming from" in rerun.stdout) == ("checkpoint is" in says)
 
 
+# A Ctrl-C that lands while Python runs a finalizer (__del__): Python prints the KeyboardInterrupt and
+# ignores it. It happened in the wild inside the regex library's __del__, and the run went on for hours.
+CTRL_C_IN_A_FINALIZER = """
+import signal, sys
+import fine_tune_lora as ft
+
+class Garbage:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)  # the handler runs at once, in here
+
+step = ft.FastTrainer.training_step
+def step_and_collect(self, *args, **kwargs):
+    if self.state.global_step == 3:
+        Garbage()  # collected at once
+    return step(self, *args, **kwargs)
+ft.FastTrainer.training_step = step_and_collect
+sys.exit(ft.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(tiny_model, reviews, tmp_path):
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER, *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: Stopped; the last checkpoint is ")
+    assert not (out / "results.json").exists()
+
+
+def test_a_stop_that_cut_the_run_settings_short_does_not_break_the_rerun(tiny_model, reviews, tmp_path, capsys):
+    """Ctrl-C just after the CPU estimate can land while run_settings.json is written, leaving it empty."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "run_settings.json").write_text("")
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--output_dir", out)
+    assert done.returncode == 0 and read_results(out)["train_samples"] == 240, done.stderr[-2000:]
+
+
 # The real entry point in a real process, on a disk that fills up when the checkpoint of step 4 is written.
 # (The tokenizers library reports it as a plain Exception with the system's words; torch as an OSError.)
 DISK_FULL_AT_STEP_4 = """
