@@ -32,6 +32,14 @@ def interrupt_after(args, checkpoint, sig, log_path):
     return process.returncode, open(log_path).read()
 
 
+def run_patched(code, args):
+    """The real entry point in a real process, with `code` (which ends by calling main) patching it first."""
+    from conftest import ROOT
+
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
 def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_path):
     args = [*base_args(tiny_model, reviews), *LONG]
     reference = run_script(*args, "--output_dir", tmp_path / "reference")
@@ -252,12 +260,9 @@ sys.exit(ft.main(sys.argv[1:]))
 
 
 def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(tiny_model, reviews, tmp_path):
-    from conftest import ROOT
-
     out = tmp_path / "out"
     args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
-    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER, *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    done = run_patched(CTRL_C_IN_A_FINALIZER, args)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: Stopped; the last checkpoint is ")
     assert not (out / "results.json").exists()
@@ -289,12 +294,9 @@ sys.exit(ft.main(sys.argv[1:]))
 
 
 def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_from(tiny_model, reviews, tmp_path):
-    from conftest import ROOT
-
     out = tmp_path / "out"
     args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
-    done = subprocess.run([sys.executable, "-c", DISK_FULL_AT_STEP_4, *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    done = run_patched(DISK_FULL_AT_STEP_4, args)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: the disk is full; free some space, or give --output_dir a folder on another disk. Stopped; the "
