@@ -619,7 +619,7 @@ def read_reviews(name):
         return datasets.load_dataset(str(path) if path.is_dir() else name)
 
 def read_json(path):  # a results.json, run_settings.json...; {} if there is none, or a stop cut it short
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return json.loads(Path(path).read_text())
     return {}
 

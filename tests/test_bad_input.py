@@ -65,6 +65,8 @@ CASES = {
                                  ["is a LoRA adapter, not a model", "--model_name gpt2", "--merge"]),
     "a file for the data": (lambda tmp: ["--dataset_name", (tmp / "reviews.csv").write_text("text,label\n") and
                                          tmp / "reviews.csv"], ["that is a file", "give a folder holding train.*"]),
+    "a weights file for the model": (lambda tmp: ["--model_name", (tmp / "model.safetensors").write_text("x") and
+                                                  tmp / "model.safetensors"], ["that is a file", "config.json"]),
     "a file name for the data": (lambda tmp: ["--dataset_name", "imdb.csv"], ["imdb.csv: no such folder", "folder"]),
     "a mistyped flag": (lambda tmp: ["--lora-r", "4"], ["--lora-r", "did you mean --lora_r?"]),
     "a --compare variant that does not parse": (lambda tmp: ["--compare", "--lora_r 4", "--lora_r four"],
