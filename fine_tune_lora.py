@@ -361,7 +361,7 @@ def compare(cfg, argv, variants):
         results[name] = read_json(folder / "results.json")
         histories[TITLES.get(name, name)] = read_json(folder / "log_history.json")
     table = comparison_table(results)
-    Path("comparison.md").write_text(table + "\n")
+    Path("comparison.md").write_text(table + "\n", "utf-8")
     Path("comparison.json").write_text(json.dumps(results, indent=2))
     plot_curves(histories, Path("comparison.png"))
     print("\n" + table + "\n\nWritten to comparison.md, comparison.json and comparison.png")
@@ -427,7 +427,7 @@ def parse_args(argv):
     parser = OneLineParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,  # no guessed flags
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     # --help shows the comment after each constant: one place to document a setting.
-    comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=.*?#\s*(.*)$", Path(__file__).read_text(), re.M))
+    comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=.*?#\s*(.*)$", Path(__file__).read_text("utf-8"), re.M))
     for name in CONSTANTS:
         default = globals()[name]
         kind = {"nargs": "+", "metavar": "NAME"} if isinstance(default, list) else {"type": value_parser(name)}
@@ -522,8 +522,8 @@ def looks_like_a_path(name):  # such a name is never sent to the Hub
 # loading, local data folders, checks
 
 def quiet_libraries():
-    if hasattr(sys.stdout, "reconfigure"):  # into a file or a pipe too, each line as soon as it is printed
-        sys.stdout.reconfigure(line_buffering=True)
+    if hasattr(sys.stdout, "reconfigure"):  # into a file or a pipe too, each line as soon as it is printed;
+        sys.stdout.reconfigure(line_buffering=True, errors="replace")  # "?" for a character the encoding lacks
     hf_logging.disable_progress_bar()  # "Loading weights" bars: chatter, for a model already on disk
     if not sys.stderr.isatty():  # in a file, every redraw of a progress bar would be a line of its own
         datasets.disable_progress_bars()
@@ -620,7 +620,7 @@ def read_reviews(name):
 
 def read_json(path):  # a results.json, run_settings.json...; {} if there is none, or a stop cut it short
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text("utf-8"))
     return {}
 
 

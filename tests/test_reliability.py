@@ -1,4 +1,5 @@
 """Interrupted runs resume exactly, saves are atomic, torchrun works, runs repeat, NaN stops cleanly."""
+import io
 import os
 import signal
 import subprocess
@@ -167,12 +168,18 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp
     assert not list(out.glob("checkpoints/checkpoint-*")), "no checkpoint of the broken model is written"
 
 
-def test_predict_survives_any_text(trained, capsys):
+def test_predict_survives_any_text_on_any_console(trained, capsys, monkeypatch):
     out, _ = trained
     texts = ["", "   ", "x" * 100_000, "😀 émotion 日本語 ünïcödé film . overall superb", "\x00\x07 control\tchars\n\r",
              "overall awful"]
+    # Output that cannot encode every character: Windows' cp1252, in a file (python ... > out.txt)
+    console = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", console)
     done = run_main(capsys, "--output_dir", out, "--predict", *[t.replace("\x00", "") for t in texts])
     assert done.returncode == 0, done.stderr[-2000:]
+    console.flush()
+    done.stdout = console.buffer.getvalue().decode("cp1252")
+    assert "? émotion ??? ünïcödé film" in done.stdout  # what cp1252 has is kept
     rows = done.stdout.splitlines()[1:]
     assert rows[0].startswith("skipped") and rows[1].startswith("skipped")
     assert all(r.split()[0] in ("positive", "negative") for r in rows[2:6])
