@@ -806,9 +806,19 @@ def save_atomically(out_dir, write):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
+    # Windows renames no folder while a program has a file in it open, or a terminal is in it: an antivirus
+    # scanner lets go in a moment, a user has to be told.
+    for attempt in range(10):
+        try:
+            if out.exists():
+                os.rename(out, old)
+            os.rename(tmp, out)
+            break
+        except PermissionError as error:
+            if attempt == 9:
+                raise UserError(f"could not replace {out} ({error.strerror}); is a program or a terminal using it? "
+                                f"The new one is saved in {tmp}: close it, then replace {out} with that folder") from None
+            time.sleep(0.5)
     shutil.rmtree(old, ignore_errors=True)
 
 # The settings that must match for a checkpoint to be resumed (not the speed or output ones).

@@ -1,10 +1,12 @@
 """Interrupted runs resume exactly, saves are atomic, torchrun works, runs repeat, NaN stops cleanly."""
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SCRIPT, base_args, read_results, run_main, run_script
@@ -137,6 +139,49 @@ def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
     os.rename(out, tmp_path / f".{out.name}.old-12345")
     fine_tune_lora.check_output_dir(out)
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_a_folder_windows_will_not_rename_keeps_the_new_adapter_and_says_where(trained, tiny_model, reviews, tmp_path,
+                                                                               capsys, monkeypatch):
+    """Windows renames no folder while a terminal is in it, or a program has a file in it open: the save waits
+    a moment for it, then says where the new adapter is, and the old one stays as it was."""
+    import shutil
+
+    import fine_tune_lora
+
+    adapter, _ = trained
+    out = tmp_path / "adapter"
+    shutil.copytree(adapter, out)  # saved by an earlier run
+    before, rename, refused = adapter_tensors(out), os.rename, []
+
+    def rename_on_windows(source, target, refusals=100):
+        if Path(source) == out and len(refused) < refusals:
+            refused.append(source)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process")
+        return rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename_on_windows)
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--seed", "7", "--output_dir", out)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()[-1]
+    new = Path(re.search(r"The new one is saved in (.+): close it", message)[1])
+    assert message == (f"error: could not replace {out} (The process cannot access the file because it is being used "
+                       f"by another process); is a program or a terminal using it? The new one is saved in {new}: "
+                       f"close it, then replace {out} with that folder")
+    assert all((before[k] == adapter_tensors(out)[k]).all() for k in before), "the old adapter is as it was"
+    assert read_results(new)["config"]["seed"] == 7 and (new / "README.md").exists()
+    monkeypatch.undo()
+    shutil.rmtree(out)
+    os.rename(new, out)  # what the message says to do
+    predicted = run_main(capsys, "--output_dir", out, "--predict", "a superb film . overall wonderful")
+    assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].startswith("positive")
+
+    # A scanner that holds a file for a moment only delays the save.
+    refused.clear()
+    monkeypatch.setattr(os, "rename", lambda source, target: rename_on_windows(source, target, refusals=3))
+    fine_tune_lora.save_atomically(out, lambda folder: (folder / "new").write_text("saved"))
+    assert len(refused) == 3 and os.listdir(out) == ["new"] and set(os.listdir(tmp_path)) == {"adapter"}
 
 
 def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path, capsys):
