@@ -686,6 +686,12 @@ def hardware_arguments(cfg, run):
 class FastTrainer(Trainer):
     """transformers' Trainer, with batches of similar lengths and the test set in order of length."""
 
+    def __init__(self, *args, **kwargs):
+        # Several GPUs without torchrun: the Trainer would split each batch between them (DataParallel), and
+        # there it leaves out mixed precision, so speed_up's 16-bit weights fail. One GPU; describe_run says more.
+        self.gpus_found, kwargs["args"]._n_gpu = kwargs["args"].n_gpu, min(kwargs["args"].n_gpu, 1)
+        super().__init__(*args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
@@ -910,8 +916,10 @@ def describe_run(cfg, run, trainer):
         n = trainer.model.num_parameters()
         print(f"trainable params: {n:,} || all params: {n:,} || trainable%: 100.0000")
     compiled = (", torch.compile" + " with CUDA graphs" * (run.device == "cuda")) * cfg.torch_compile
+    gpus = trainer.gpus_found
     print(f"Device: {run.device} ({run.device_name}), precision {run.precision}{compiled}"
-          f"{f', {run.world} processes' if run.world > 1 else ''}")
+          f"{f', {run.world} processes' if run.world > 1 else ''}"
+          f"{f', 1 of {gpus} GPUs (torchrun --nproc_per_node {gpus} {Path(__file__).name} trains on all)' * (gpus > 1)}")
     print(f"Training on {n_train:,} reviews, evaluating on {n_test:,}; {cfg.num_epochs} epoch"
           f"{'s' * (cfg.num_epochs != 1)} x {steps:,} steps of {per_step} reviews = {steps * cfg.num_epochs:,} "
           f"steps, learning rate {trainer.args.learning_rate:g}")

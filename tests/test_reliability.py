@@ -1,5 +1,6 @@
 """Interrupted runs resume exactly, saves are atomic, torchrun works, runs repeat, NaN stops cleanly."""
 import io
+import json
 import os
 import re
 import signal
@@ -199,6 +200,35 @@ def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path, capsys)
     assert done.stdout.count("Found 240 train") == 1 and done.stdout.count("\naccuracy") == 1  # one process speaks
     predicted = run_main(capsys, "--output_dir", out, "--predict", "a superb film . overall wonderful")
     assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].startswith("positive")
+
+
+# The real entry point with the Trainer seeing two GPUs, as on a machine with two (a Kaggle T4 x2) run without torchrun.
+TWO_GPUS_IN_ONE_PROCESS = """
+import sys
+import fine_tune_lora as ft
+
+post_init = ft.TrainingArguments.__post_init__
+def two_gpus(self):
+    post_init(self)
+    self._setup_devices  # (computed once) then the count a machine with two GPUs gives
+    self._n_gpu = 2
+ft.TrainingArguments.__post_init__ = two_gpus
+sys.exit(ft.main(sys.argv[1:]))
+"""
+
+
+def test_several_gpus_without_torchrun_train_on_one_and_say_how_to_use_all(tiny_model, reviews, tmp_path):
+    """The Trainer would split each batch between them (DataParallel) without mixed precision, where the
+    16-bit frozen weights fail at the first step."""
+    out = tmp_path / "out"
+    done = run_patched(TWO_GPUS_IN_ONE_PROCESS, [*base_args(tiny_model, reviews), "--precision", "bf16",
+                                                 "--output_dir", out])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ", 1 of 2 GPUs (torchrun --nproc_per_node 2 fine_tune_lora.py trains on all)" in done.stdout
+    assert "2 epochs x 30 steps of 8 reviews = 60 steps" in done.stdout
+    results = read_results(out)
+    assert results["training_precision"] == "bf16" and results["accuracy"] >= 0.9
+    assert json.loads((out / "log_history.json").read_text())[-1]["step"] == 60
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp_path):
