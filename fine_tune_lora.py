@@ -629,7 +629,6 @@ def read_json(path):  # a results.json, run_settings.json...; {} if there is non
 
 def speed_up(model, tokenizer, cfg, run):
     model.config.use_cache = False  # no copies of every layer's keys and values: a classifier never generates
-    model.config.problem_type = "single_label_classification"  # spares a check of the labels at every step
     for module in list(model.modules()):  # GPT-2's GELU, eight operations in Python, as one PyTorch kernel
         for name, child in module.named_children():
             if isinstance(child, NewGELUActivation):
