@@ -685,11 +685,11 @@ def hardware_arguments(cfg, run):
 class FastTrainer(Trainer):
     """transformers' Trainer, with batches of similar lengths and the test set in order of length."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, model, args, **kwargs):
         # Several GPUs without torchrun: the Trainer would split each batch between them (DataParallel), and
         # there it leaves out mixed precision, so speed_up's 16-bit weights fail. One GPU; describe_run says more.
-        self.gpus_found, kwargs["args"]._n_gpu = kwargs["args"].n_gpu, min(kwargs["args"].n_gpu, 1)
-        super().__init__(*args, **kwargs)
+        self.gpus_found, args._n_gpu = args.n_gpu, min(args.n_gpu, 1)
+        super().__init__(model, args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
