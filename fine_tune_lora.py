@@ -915,11 +915,10 @@ def describe_run(cfg, run, trainer):
         n = trainer.model.num_parameters()
         print(f"trainable params: {n:,} || all params: {n:,} || trainable%: 100.0000")
     compiled = (", torch.compile" + " with CUDA graphs" * (run.device == "cuda")) * cfg.torch_compile
-    gpus = trainer.gpus_found
-    print(f"Device: {run.device} ({run.device_name}), precision {run.precision}{compiled}"
-          f"{f', {run.world} processes' if run.world > 1 else ''}"
-          f"{f', 1 of {gpus} GPUs (torchrun --nproc_per_node {gpus} {Path(__file__).name} trains on all)' * (gpus > 1)}")
-    print(f"Training on {n_train:,} reviews, evaluating on {n_test:,}; {cfg.num_epochs} epoch"
+    gpus, processes = trainer.gpus_found, f", {run.world} processes" * (run.world > 1)
+    one_gpu = f", 1 of {gpus} GPUs (torchrun --nproc_per_node {gpus} {Path(__file__).name} trains on all)" * (gpus > 1)
+    print(f"Device: {run.device} ({run.device_name}), precision {run.precision}{compiled}{processes}{one_gpu}")
+    print(f"Training on {n_train:,} review{'s' * (n_train != 1)}, evaluating on {n_test:,}; {cfg.num_epochs} epoch"
           f"{'s' * (cfg.num_epochs != 1)} x {steps:,} steps of {per_step} reviews = {steps * cfg.num_epochs:,} "
           f"steps, learning rate {trainer.args.learning_rate:g}")
     if run.device == "cpu" and not run.resume_from:
@@ -928,7 +927,7 @@ def describe_run(cfg, run, trainer):
                  "max_length": cfg.max_length}
         bigger = seconds > 30 * 60 and any(size > QUICK_RUN[key] for key, size in sizes.items())
         quick = " For a quick run:" + "".join(f" --{k} {v}" for k, v in QUICK_RUN.items()) if bigger else ""
-        total = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        total = f"{max(seconds, 1):.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
             f"{seconds / 3600:.1f} h"
         print(f"No GPU found: training runs on the CPU. One step takes "
               f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs "
