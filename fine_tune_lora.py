@@ -918,9 +918,9 @@ def describe_run(cfg, run, trainer):
     gpus, processes = trainer.gpus_found, f", {run.world} processes" * (run.world > 1)
     one_gpu = f", 1 of {gpus} GPUs (torchrun --nproc_per_node {gpus} {Path(__file__).name} trains on all)" * (gpus > 1)
     print(f"Device: {run.device} ({run.device_name}), precision {run.precision}{compiled}{processes}{one_gpu}")
-    print(f"Training on {n_train:,} review{'s' * (n_train != 1)}, evaluating on {n_test:,}; {cfg.num_epochs} epoch"
-          f"{'s' * (cfg.num_epochs != 1)} x {steps:,} steps of {per_step} reviews = {steps * cfg.num_epochs:,} "
-          f"steps, learning rate {trainer.args.learning_rate:g}")
+    print(f"Training on {count(n_train, 'review')}, evaluating on {n_test:,}; {count(cfg.num_epochs, 'epoch')} x "
+          f"{count(steps, 'step')} of {per_step} reviews = {count(steps * cfg.num_epochs, 'step')}, learning rate "
+          f"{trainer.args.learning_rate:g}")
     if run.device == "cpu" and not run.resume_from:
         step_seconds, seconds = estimate_cpu_time(cfg, run, trainer)
         sizes = {"max_train_samples": n_train, "max_eval_samples": n_test, "num_epochs": cfg.num_epochs,
@@ -932,6 +932,9 @@ def describe_run(cfg, run, trainer):
         print(f"No GPU found: training runs on the CPU. One step takes "
               f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs "
               f"roughly {total}.{quick}")
+
+def count(n, noun):  # 1 step, 2 steps
+    return f"{n:,} {noun}{'s' * (n != 1)}"
 
 def estimate_cpu_time(cfg, run, trainer):
     """Time one real training step on reviews of average length, and scale it up: rough, but measured."""
