@@ -1141,4 +1141,6 @@ def comparison_table(results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # all done: a Ctrl-C while Python exits just ends it, quietly
+    sys.exit(status)

@@ -350,6 +350,23 @@ def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(tiny_model, review
     assert not (out / "results.json").exists()
 
 
+# `python fine_tune_lora.py` as a user runs it, and a Ctrl-C that lands after the run, while Python exits.
+CTRL_C_WHILE_EXITING = """
+import atexit, runpy, signal, sys
+atexit.register(signal.raise_signal, signal.SIGINT)  # registered first, so it runs last
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_after_the_run_while_python_exits_says_nothing_false(tiny_model, reviews, tmp_path):
+    out = tmp_path / "out"
+    done = run_patched(CTRL_C_WHILE_EXITING, [SCRIPT, *base_args(tiny_model, reviews), "--num_epochs", "1",
+                                              "--output_dir", out])
+    assert "saved to" in done.stdout and read_results(out)["train_samples"] == 240, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "error:" not in done.stderr, done.stderr[-2000:]
+
+
 def test_a_stop_that_cut_the_run_settings_short_does_not_break_the_rerun(tiny_model, reviews, tmp_path, capsys):
     """Ctrl-C just after the CPU estimate can land while run_settings.json is written, leaving it empty."""
     out = tmp_path / "out"
