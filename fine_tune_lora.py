@@ -760,6 +760,10 @@ def prepare_run(cfg):
         shutil.rmtree(checkpoints)  # left by an interrupted run that is not being resumed
     if not is_main_process():
         sys.stdout = open(os.devnull, "w")  # under torchrun every process runs this file; the first one speaks
+    earlier = read_json(out_dir / "results.json").get("config", {})  # of the run saved there, if any
+    if changed := [name for name in RUN_SETTINGS if name in earlier and earlier[name] != getattr(cfg, name)]:
+        print(f"{out_dir} holds a model trained with another --{changed[0]}; this run replaces it when it finishes "
+              f"(to keep it, stop now with Ctrl-C and give this run an --output_dir of its own)")
     device, device_name, precision = pick_device_and_precision(cfg)
     return SimpleNamespace(out_dir=out_dir, checkpoints=str(checkpoints), resume_from=resume_from, device=device,
                            device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")))

@@ -112,6 +112,20 @@ def test_same_seed_same_result_and_another_seed_differs(trained, tiny_model, rev
         assert_same_adapter(first, tmp_path / "other", tolerance=1e-3)
 
 
+def test_a_run_that_will_replace_a_model_trained_otherwise_says_so_first(trained, tiny_model, reviews, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)  # trained with 2 epochs
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--output_dir", out]
+    done = run_main(capsys, *args)
+    assert done.returncode == 0 and read_results(out)["config"]["num_epochs"] == 1, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{out} holds a model trained with another --num_epochs; this run replaces it")
+    again = run_main(capsys, *args)  # the same settings: nothing is lost, nothing to say
+    assert again.returncode == 0 and "holds a model" not in again.stdout
+
+
 def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
     import shutil
 
