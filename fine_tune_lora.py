@@ -773,8 +773,10 @@ def check_output_dir(out_dir):
     if Path.cwd().is_relative_to(out.resolve()):  # a save replaces the folder: it cannot be the one we are in
         raise UserError(f"--output_dir {out_dir} is the current folder or holds it, and saving replaces the whole "
                         f"output folder; give a folder of its own, such as {OUTPUT_DIR}")
-    if not out.exists():  # a crash between save_atomically's two renames leaves the old folder hidden
-        for old in sorted(out.parent.glob(f".{out.name}.old-*"))[:1]:
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):  # left by a stop in save_atomically's swap
+        if out.exists():  # after the new folder took its place, while the old one was being deleted
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # between the two renames: the old folder comes back
             os.rename(old, out)
             print(f"Restored {out} from an interrupted save")
     if out.exists() and not out.is_dir():

@@ -154,6 +154,10 @@ def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
     os.rename(out, tmp_path / f".{out.name}.old-12345")
     fine_tune_lora.check_output_dir(out)
     assert (out / "adapter_model.safetensors").exists()
+    # A stop after the new folder took its place, while the old one was being deleted: what is left of it goes.
+    shutil.copytree(out, tmp_path / f".{out.name}.old-12345")
+    fine_tune_lora.check_output_dir(out)
+    assert set(os.listdir(tmp_path)) == {"adapter"} and (out / "adapter_model.safetensors").exists()
 
 
 def test_a_folder_windows_will_not_rename_keeps_the_new_adapter_and_says_where(trained, tiny_model, reviews, tmp_path,
