@@ -87,44 +87,44 @@ from transformers.utils import logging as hf_logging
 # -----------------------------------------------------------------------------
 # settings: edit them here, or pass --lowercase_name VALUE
 # model and data
-MODEL_NAME = "gpt2"  # Hub id or local folder; "gpt2-medium" has 355M weights instead of 124M: ~3x the compute
-DATASET_NAME = "imdb"  # Hub id, or a local folder: aclImdb layout, or train.*/test.* as parquet, csv or jsonl
-MAX_LENGTH = 512  # tokens kept per review; IMDB's median review is 222 tokens, 14% are over 512, 41% over 256
+MODEL_NAME: str = "gpt2"  # Hub id or local folder; "gpt2-medium" has 355M weights instead of 124M: ~3x the compute
+DATASET_NAME: str = "imdb"  # Hub id, or a local folder: aclImdb layout, or train.*/test.* as parquet, csv or jsonl
+MAX_LENGTH: int = 512  # tokens kept per review; IMDB's median review is 222 tokens, 14% are over 512, 41% over 256
 MAX_TRAIN_SAMPLES: int | None = None  # None = all 25,000; a random 2000 makes a quick run
 MAX_EVAL_SAMPLES: int | None = None  # None = all 25,000; with 1000, accuracy near 90% is known to about +-2 points
 # LoRA
-LORA_R = 8  # rank of the update; 4-16 is typical, higher learns more and saves a bigger adapter
-LORA_ALPHA = 16  # the update is scaled by alpha / r; keep alpha = 2 * r when you change r
-LORA_DROPOUT = 0.05  # dropout on the adapter's input; 0.0-0.1
-TARGET_MODULES = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity
+LORA_R: int = 8  # rank of the update; 4-16 is typical, higher learns more and saves a bigger adapter
+LORA_ALPHA: int = 16  # the update is scaled by alpha / r; keep alpha = 2 * r when you change r
+LORA_DROPOUT: float = 0.05  # dropout on the adapter's input; 0.0-0.1
+TARGET_MODULES: list = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity
 # training
-LEARNING_RATE = 3e-4  # for the adapter; 1e-4 to 1e-3 is usual for LoRA (higher for short runs), too high diverges
-BATCH_SIZE = 8  # reviews per step on each GPU; halve it (and double the next line) if you run out of memory
-GRADIENT_ACCUMULATION_STEPS = 1  # steps summed per update: effective batch = BATCH_SIZE * this * GPUs
-NUM_EPOCHS = 3  # passes over the training set
-SEED = 42  # same seed, same data order and initial adapter: the run is repeatable
-OUTPUT_DIR = "./gpt2-imdb-lora"  # adapter, tokenizer and results.json; checkpoints go to OUTPUT_DIR/checkpoints
+LEARNING_RATE: float = 3e-4  # for the adapter; 1e-4 to 1e-3 is usual for LoRA (higher for short runs), too high diverges
+BATCH_SIZE: int = 8  # reviews per step on each GPU; halve it (and double the next line) if you run out of memory
+GRADIENT_ACCUMULATION_STEPS: int = 1  # steps summed per update: effective batch = BATCH_SIZE * this * GPUs
+NUM_EPOCHS: int = 3  # passes over the training set
+SEED: int = 42  # same seed, same data order and initial adapter: the run is repeatable
+OUTPUT_DIR: str = "./gpt2-imdb-lora"  # adapter, tokenizer and results.json; checkpoints go to OUTPUT_DIR/checkpoints
 # full fine-tuning, to compare with LoRA
-FULL_FINETUNE = False  # True trains every weight instead of an adapter and saves the whole model
-FULL_LEARNING_RATE = 5e-5  # for full fine-tuning: all 124M pretrained weights move, so steps must be ~10x smaller
-FULL_OUTPUT_DIR = "./gpt2-imdb-full"  # where --full_finetune saves the whole model
+FULL_FINETUNE: bool = False  # True trains every weight instead of an adapter and saves the whole model
+FULL_LEARNING_RATE: float = 5e-5  # for full fine-tuning: all 124M pretrained weights move, so steps must be ~10x smaller
+FULL_OUTPUT_DIR: str = "./gpt2-imdb-full"  # where --full_finetune saves the whole model
 
 
 # -----------------------------------------------------------------------------
 # advanced: how fast and how safely the same training runs
 # speed (batches hold the same reviews, the loss and schedule are unchanged)
-PRECISION = "auto"  # "auto": bf16 where the GPU or CPU has it in hardware, else fp16 on a GPU, fp32 on a CPU or Mac
-PAD_TO_MULTIPLE_OF = 8  # pad each batch to its longest review, rounded up to this; = MAX_LENGTH pads all to the max
-GROUP_BY_LENGTH = True  # put reviews of similar length in the same batch, so little of each batch is padding
+PRECISION: str = "auto"  # "auto": bf16 where the GPU or CPU has it in hardware, else fp16 on a GPU, fp32 on a CPU or Mac
+PAD_TO_MULTIPLE_OF: int = 8  # pad each batch to its longest review, rounded up to this; = MAX_LENGTH pads all to the max
+GROUP_BY_LENGTH: bool = True  # put reviews of similar length in the same batch, so little of each batch is padding
 EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so room for more), BATCH_SIZE on a CPU
-TORCH_COMPILE = False  # True: torch.compile each transformer block (CUDA graphs on a GPU); experimental
+TORCH_COMPILE: bool = False  # True: torch.compile each transformer block (CUDA graphs on a GPU); experimental
 # reliability
-RESUME = True  # an interrupted run continues from its last checkpoint when started again with the same settings
-SAVE_STEPS = 100  # checkpoint every this many steps (LoRA's are ~4 MB; full fine-tuning's ~1.5 GB, so 10x fewer)
-SAVE_MINUTES = 10  # and whenever this many minutes pass without one, so that a slow run always has a recent one
-SAVE_TOTAL_LIMIT = 2  # checkpoints kept; an interrupted run resumes from the last one
-LOGGING_STEPS = 50  # print the training loss every this many steps
-REPORT_TO = "none"  # also send the logs to a tracker: "tensorboard" (pip install tensorboard), "wandb", "trackio"...
+RESUME: bool = True  # an interrupted run continues from its last checkpoint when started again with the same settings
+SAVE_STEPS: int = 100  # checkpoint every this many steps (LoRA's are ~4 MB; full fine-tuning's ~1.5 GB, so 10x fewer)
+SAVE_MINUTES: int = 10  # and whenever this many minutes pass without one, so that a slow run always has a recent one
+SAVE_TOTAL_LIMIT: int = 2  # checkpoints kept; an interrupted run resumes from the last one
+LOGGING_STEPS: int = 50  # print the training loss every this many steps
+REPORT_TO: str = "none"  # also send the logs to a tracker: "tensorboard" (pip install tensorboard), "wandb", "trackio"...
 # -----------------------------------------------------------------------------
 
 CONSTANTS = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
@@ -429,8 +429,8 @@ def parse_args(argv):
     # --help shows the comment after each constant: one place to document a setting.
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=.*?#\s*(.*)$", Path(__file__).read_text("utf-8"), re.M))
     for name in CONSTANTS:
-        default = globals()[name]
-        kind = {"nargs": "+", "metavar": "NAME"} if isinstance(default, list) else {"type": value_parser(name)}
+        default = check_constant(name)
+        kind = {"nargs": "+", "metavar": "NAME"} if setting_type(name)[0] is list else {"type": value_parser(name)}
         if isinstance(default, bool):  # `--full_finetune` alone means true; `--full_finetune false` works too
             kind.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument("--" + name.lower(), default=default, **kind,
@@ -459,11 +459,27 @@ def parse_args(argv):
     check_config(cfg)
     return cfg, args
 
+def setting_type(name):
+    """The type a constant's annotation gives, and whether it may be None: (int, True) for `int | None`."""
+    hint = typing.get_type_hints(sys.modules[__name__])[name]  # from the module: lazy from Python 3.14 on
+    kinds = [kind for kind in typing.get_args(hint) or [hint] if kind is not type(None)]
+    return kinds[0], len(kinds) < len(typing.get_args(hint))
+
+def check_constant(name):
+    """A constant edited at the top of the file to a value of the wrong type, such as LEARNING_RATE = "3e-4",
+    would fail deep in a library: name the line instead."""
+    value, (kind, optional) = globals()[name], setting_type(name)
+    if type(value) is kind or value is None and optional or (kind, type(value)) in ((float, int), (list, str)):
+        return value
+    expected = {bool: "True or False", int: "a whole number", float: "a number", list: 'a list, such as ["c_attn"]'}
+    quoted = isinstance(value, str) and kind in (bool, int, float)
+    raise UserError(f"{name} = {value!r} at the top of {Path(__file__).name}{' is in quotes' * quoted}: it must be "
+                    f"{expected.get(kind, 'text in quotes')}{' or None' * optional}; "
+                    + ("remove the quotes" if quoted else "change that line"))
+
 def value_parser(name):
     """Turn a command-line string into a value of the constant's type, or fail with a clear sentence."""
-    # `int | None` marks a constant that can be none. Read from the module: lazy from Python 3.14 on.
-    optional = type(None) in typing.get_args(typing.get_type_hints(sys.modules[__name__]).get(name))
-    kind = int if optional else type(globals()[name])
+    kind, optional = setting_type(name)
     words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
     def parse(text):

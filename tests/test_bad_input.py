@@ -95,6 +95,31 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model, reviews, tmp_path
     assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out-compare").exists()
 
 
+@pytest.mark.parametrize("name, value, expected", [
+    ("LEARNING_RATE", "3e-4", ["LEARNING_RATE = '3e-4' at the top of fine_tune_lora.py is in quotes", "a number",
+                               "remove the quotes"]),
+    ("FULL_FINETUNE", "False", ["FULL_FINETUNE = 'False'", "True or False"]),  # the text "False" counts as true
+    ("MAX_TRAIN_SAMPLES", 64.0, ["MAX_TRAIN_SAMPLES = 64.0", "a whole number or None", "change that line"]),
+    ("OUTPUT_DIR", 5, ["OUTPUT_DIR = 5", "text in quotes"]),
+])
+def test_a_constant_edited_to_the_wrong_type_names_the_line(name, value, expected, tiny_model, reviews, tmp_path,
+                                                            capsys, monkeypatch):
+    """Beginners edit the constants at the top: a quoted number fails at once, not deep in a library."""
+    monkeypatch.setattr(fine_tune_lora, name, value)
+    status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", tmp_path / "out")
+    assert status == 1 and len(errors) == 1
+    for fragment in expected:
+        assert fragment in errors[0], errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_constants_edited_to_values_that_mean_the_same_are_taken(capsys, monkeypatch):
+    for name, value in (("LEARNING_RATE", 1), ("TARGET_MODULES", "c_attn c_proj"), ("MAX_EVAL_SAMPLES", 100)):
+        monkeypatch.setattr(fine_tune_lora, name, value)
+    cfg, _ = fine_tune_lora.parse_args([])
+    assert (cfg.learning_rate, cfg.target_modules, cfg.max_eval_samples) == (1, ["c_attn", "c_proj"], 100)
+
+
 def test_predict_without_an_adapter_says_so(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "unfinished" / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # a run stopped early
