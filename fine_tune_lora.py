@@ -461,7 +461,8 @@ def parse_args(argv):
 
 def setting_type(name):
     """The type a constant's annotation gives, and whether it may be None: (int, True) for `int | None`."""
-    hint = typing.get_type_hints(sys.modules[__name__])[name]  # from the module: lazy from Python 3.14 on
+    # From the module: lazy from Python 3.14 on. A constant added without a type has its value's.
+    hint = typing.get_type_hints(sys.modules[__name__]).get(name, type(globals()[name]))
     kinds = [kind for kind in typing.get_args(hint) or [hint] if kind is not type(None)]
     return kinds[0], len(kinds) < len(typing.get_args(hint))
 

@@ -113,11 +113,15 @@ def test_a_constant_edited_to_the_wrong_type_names_the_line(name, value, expecte
     assert not (tmp_path / "out").exists()
 
 
-def test_constants_edited_to_values_that_mean_the_same_are_taken(capsys, monkeypatch):
+def test_constants_edited_or_added_with_sensible_values_are_taken(capsys, monkeypatch):
     for name, value in (("LEARNING_RATE", 1), ("TARGET_MODULES", "c_attn c_proj"), ("MAX_EVAL_SAMPLES", 100)):
         monkeypatch.setattr(fine_tune_lora, name, value)
-    cfg, _ = fine_tune_lora.parse_args([])
+    # and a constant a reader adds, without a type, is a flag too
+    monkeypatch.setattr(fine_tune_lora, "WEIGHT_DECAY", 0.0, raising=False)
+    monkeypatch.setattr(fine_tune_lora, "CONSTANTS", [*fine_tune_lora.CONSTANTS, "WEIGHT_DECAY"])
+    cfg, _ = fine_tune_lora.parse_args(["--weight_decay", "0.01"])
     assert (cfg.learning_rate, cfg.target_modules, cfg.max_eval_samples) == (1, ["c_attn", "c_proj"], 100)
+    assert cfg.weight_decay == 0.01
 
 
 def test_predict_without_an_adapter_says_so(tmp_path, capsys):
