@@ -17,6 +17,7 @@ The lesson is fine_tune(), in six numbered steps; nothing below the fence is nee
 """
 import _thread
 import argparse
+import builtins
 import contextlib
 import difflib
 import errno
@@ -43,9 +44,6 @@ try:
 except ImportError:
     resource = None
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback (main() takes over after)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: Stopped while loading the libraries; nothing was done."))
-
 def check_versions(needed={"torch": "2.11", "transformers": "5.17", "datasets": "5.2", "peft": "0.21", "accelerate": "1.15"}):
     """Older releases fail late, with a traceback (transformers 4 after tokenizing every review): say so at once."""
     if sys.version_info < (3, 10):
@@ -63,6 +61,9 @@ def check_versions(needed={"torch": "2.11", "transformers": "5.17", "datasets": 
                  + " ".join(f'"{requirement}"' for requirement in old))
 
 check_versions()
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback (main() takes over after)
+    sigint_before = signal.signal(signal.SIGINT, lambda *_: sys.exit("error: Stopped while loading the libraries; "
+                                                                     "nothing was done."))
 
 import datasets
 import huggingface_hub
@@ -1164,6 +1165,8 @@ def comparison_table(results):
 
 
 if __name__ == "__main__":
-    status = main()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # all done: a Ctrl-C while Python exits just ends it, quietly
-    sys.exit(status)
+    try:
+        sys.exit(main())
+    finally:  # Python exits: a Ctrl-C now just ends it, quietly. In IPython (%run) it goes on: Ctrl-C as before.
+        goes_on = sys.flags.interactive or hasattr(builtins, "__IPYTHON__")
+        signal.signal(signal.SIGINT, sigint_before if goes_on else signal.SIG_DFL)
