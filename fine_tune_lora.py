@@ -156,7 +156,7 @@ def fine_tune(cfg):
     # it too: it classifies a review from its last token that is not padding, found by this id.
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    check_model_settings(cfg, model)  # LoRA targets the model has, a MAX_LENGTH it can read
+    max_length = check_model_settings(cfg, model)  # LoRA targets the model has; MAX_LENGTH, or what it can read
 
     # 2. Add a LoRA adapter
     if not cfg.full_finetune:  # (--full_finetune trains all the weights instead, to compare)
@@ -176,8 +176,8 @@ def fine_tune(cfg):
     train_set, test_set = load_reviews(cfg)  # IMDB or a local folder, checked; random subsets if asked
 
     def tokenize(batch):
-        # Cut to MAX_LENGTH tokens but not padded: each batch is padded later, to its longest review.
-        return tokenizer(batch["text"], truncation=True, max_length=cfg.max_length)
+        # Cut to max_length tokens but not padded: each batch is padded later, to its longest review.
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     train_set = train_set.map(tokenize, batched=True, remove_columns=["text"])
     test_set = test_set.map(tokenize, batched=True, remove_columns=["text"])
@@ -575,14 +575,19 @@ def loading(flag, name):
         hf_logging.set_verbosity(verbosity)
 
 def check_model_settings(cfg, model):
+    """Fail on LoRA targets the model lacks; return MAX_LENGTH, or fewer tokens if the model reads fewer. (The
+    setting itself stays as asked: a rerun of the same command must find the same settings to resume.)"""
     layers = {name.split(".")[-1] for name, module in model.named_modules()
               if isinstance(module, (torch.nn.Linear, Conv1D)) and name != "score"}
     if (missing := [t for t in cfg.target_modules if t not in layers]) and not cfg.full_finetune:
         raise UserError(f"--target_modules: this model has no layer called {', '.join(missing)}; "
                         f"it has for example {', '.join(sorted(layers)[:6])}")
-    if cfg.max_length > (limit := model.config.max_position_embeddings):
+    if cfg.max_length > (limit := max_tokens(cfg, model)):
         print(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {limit}")
-        cfg.max_length = limit
+    return limit
+
+def max_tokens(cfg, model):  # MAX_LENGTH, or the most tokens the model can read if that is fewer
+    return min(cfg.max_length, model.config.max_position_embeddings)
 
 def is_conv1d(model, names):  # GPT-2's layers; most other models use nn.Linear
     return any(isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in names)
@@ -1001,7 +1006,7 @@ def collect_results(cfg, run, trainer, trained, metrics):
         "train_loss": sum(n * loss for n, (_, loss) in zip(steps, logs)) / sum(steps),
         "trainable_params": trainable, "all_params": total, "trainable_percent": 100 * trainable / total,
         "learning_rate": trainer.args.learning_rate,
-        "train_samples": n_train, "eval_samples": len(trainer.eval_dataset),
+        "train_samples": n_train, "eval_samples": len(trainer.eval_dataset), "max_length": max_tokens(cfg, model),
         # Time in training steps, without the evaluations; a resumed run cannot say it for the whole run.
         "train_seconds": None if run.resume_from else seconds,
         "epoch_seconds": trainer.epoch_seconds,  # the first includes warm-up (and compiling, if on)
@@ -1073,9 +1078,9 @@ def write_model_card(folder, name, results, merged_from=None):
 {what}: it tells whether a movie review is negative or positive.{f" Merged from `{merged_from}`." if merged_from else ""}
 
 Trained with `fine_tune_lora.py` by {how}: {cfg['num_epochs']} epoch(s) of {results['train_samples']:,} reviews
-from `{data_name}`, at most {cfg['max_length']} tokens each, batch {cfg['batch_size']}, learning rate
-{results['learning_rate']:g}, {results['training_precision']}, seed {cfg['seed']}; {results['trainable_params']:,} of
-{results['all_params']:,} weights trained.
+from `{data_name}`, at most {results.get('max_length', cfg['max_length'])} tokens each, batch {cfg['batch_size']},
+learning rate {results['learning_rate']:g}, {results['training_precision']}, seed {cfg['seed']};
+{results['trainable_params']:,} of {results['all_params']:,} weights trained.
 
 On {results['eval_samples']:,} test reviews: accuracy {results['accuracy']:.4f}, F1 {results['f1']:.4f}, precision
 {results['precision']:.4f}, recall {results['recall']:.4f}.
@@ -1156,7 +1161,7 @@ def comparison_table(results):
     cfg, ratio = first["config"], len(results) == 2  # two runs: the second's figures over the first's
     lines = [f"{first['device']}, {first['training_precision']}; model {Path(cfg['model_name']).name}; "
              f"{first['train_samples']:,} train / {first['eval_samples']:,} eval reviews, {cfg['num_epochs']} "
-             f"epoch(s), batch {cfg['batch_size']}, max length {cfg['max_length']}", "",
+             f"epoch(s), batch {cfg['batch_size']}, max length {first.get('max_length', cfg['max_length'])}", "",
              f"| | {' | '.join(titles)} |" + (f" {titles[1]} / {titles[0]} |" if ratio else ""),
              "| --- " * (len(titles) + 1 + ratio) + "|"]
     lines += [f"| {name} | {' | '.join(cells)} |" + (f" {r} |" if ratio else "")

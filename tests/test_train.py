@@ -252,9 +252,26 @@ def test_help_lists_every_constant_with_default_and_comment(capsys):
     assert "(default: ['c_attn'])" in text
 
 
-def test_a_max_length_beyond_the_model_is_capped_with_a_note(tiny_model, reviews, tmp_path, capsys):
-    done = run_main(capsys, *base_args(tiny_model, reviews), "--max_length", "512", "--num_epochs", "1",
-                      "--max_train_samples", "32", "--max_eval_samples", "16", "--output_dir", tmp_path / "out")
+def test_a_max_length_beyond_the_model_is_capped_with_a_note_and_the_run_resumes(tiny_model, reviews, tmp_path,
+                                                                                  capsys, monkeypatch):
+    args = [*base_args(tiny_model, reviews), "--max_length", "512", "--num_epochs", "1", "--max_train_samples", "32",
+            "--max_eval_samples", "16", "--save_steps", "2", "--output_dir", tmp_path / "out"]
+    import fine_tune_lora
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Ctrl-C at the evaluation, after the last checkpoint: the same command must resume from it
+    monkeypatch.setattr(fine_tune_lora.FastTrainer, "evaluate", ctrl_c)
+    stopped = run_main(capsys, *args)
+    assert stopped.returncode == 1 and "run the same command again to resume" in stopped.stderr, stopped.stderr
+    assert "MAX_LENGTH 512 is more than this model can read; using its maximum, 256" in stopped.stdout
+    monkeypatch.undo()
+    done = run_main(capsys, *args)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "MAX_LENGTH 512 is more than this model can read; using its maximum, 256" in done.stdout
-    assert read_results(tmp_path / "out")["config"]["max_length"] == 256
+    assert "Resuming from" in done.stdout and "another" not in done.stdout, done.stdout
+    results = read_results(tmp_path / "out")
+    assert results["max_length"] == 256 and results["config"]["max_length"] == 512  # what was used; what was asked
+    assert "at most 256 tokens each" in (tmp_path / "out" / "README.md").read_text()
+    again = run_main(capsys, *args)  # the same command once more: the same settings, so no word of another one
+    assert again.returncode == 0 and "another" not in again.stdout, again.stdout
