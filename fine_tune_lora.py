@@ -456,6 +456,9 @@ def parse_args(argv):
         parser.error("--adapters goes with --predict: add --predict followed by the texts to classify")
     if sum(bool(x) for x in (args.predict, args.merge, args.compare)) > 1:
         parser.error("choose one of --predict, --merge and --compare")
+    if args.merge and args.full_finetune:
+        parser.error(f"--merge folds a LoRA adapter into its base model; a --full_finetune model has none, and "
+                     f"{args.full_output_dir} already loads as a plain model")
     cfg = SimpleNamespace(**{name.lower(): getattr(args, name.lower()) for name in CONSTANTS})
     check_config(cfg)
     return cfg, args

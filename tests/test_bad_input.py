@@ -77,6 +77,8 @@ CASES = {
                                         ["'--lora_r 8' and 'base settings'", "same settings"]),
     "an unknown tracker": (lambda tmp: ["--report_to", "tensorbored"], ["--report_to tensorbored", "tensorboard"]),
     "a tracker not installed": (lambda tmp: ["--report_to", NOT_INSTALLED], [NOT_INSTALLED, "not installed"]),
+    "merging a full fine-tuning": (lambda tmp: ["--full_finetune", "--merge"], ["a --full_finetune model has none",
+                                                                              "loads as a plain model"]),
     "fp16 without a GPU": (lambda tmp: ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU", "use auto"]),
 }
 
