@@ -727,16 +727,20 @@ class FastTrainer(Trainer):
         return sorted(range(len(eval_dataset)), key=token_counts(eval_dataset).__getitem__)
 
     def evaluate(self, *args, **kwargs):
-        with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again without gradients
+        # Compiled blocks would compile again without gradients. And the evaluation leaves the random generator
+        # as it was (its data loader draws a seed from it): a run resumed from the checkpoint saved at the end
+        # of an epoch, just before that epoch's evaluation, then draws the same dropout as one never stopped.
+        with torch.compiler.set_stance("force_eager"), torch.random.fork_rng(devices=[]):
             return super().evaluate(*args, **kwargs)
 
 class Watch(TrainerCallback):
-    """Times each epoch; saves a checkpoint when SAVE_MINUTES pass without one; stops on a NaN or
-    infinite loss before it is saved; skips the evaluation after the last epoch (step 5 does it)."""
+    """Times each epoch; saves a checkpoint when SAVE_MINUTES pass without one, and at an epoch's end after
+    its evaluation; stops on a NaN or infinite loss before it is saved; skips the evaluation after the last
+    epoch (step 5 does it)."""
 
     def __init__(self, trainer, save_seconds):
         self.trainer, self.save_seconds, self.started, self.saved = trainer, save_seconds, None, time.monotonic()
-        trainer.epoch_seconds = []
+        self.save_after_evaluation, trainer.epoch_seconds = False, []
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
@@ -746,10 +750,15 @@ class Watch(TrainerCallback):
             torch.cuda.synchronize()  # the GPU may still be working on the last steps
         self.trainer.epoch_seconds.append(time.perf_counter() - self.started)
         control.should_evaluate = control.should_evaluate and state.global_step < state.max_steps
-        self.on_step_end(args, state, control)
+        control.should_save = control.should_save or self.save_after_evaluation
+        self.on_step_end(args, state, control, epoch_end=True)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, epoch_end=False, **kwargs):
         control.should_save = control.should_save or 0 < self.save_seconds < time.monotonic() - self.saved
+        # An epoch's last step is followed by its evaluation: save after it, or a run resumed from this
+        # checkpoint would go on without that evaluation.
+        if state.epoch == int(state.epoch) and state.global_step < state.max_steps and not epoch_end:
+            self.save_after_evaluation, control.should_save = control.should_save, False
         # The loss is read only when logged (until then it is summed on the device): log before each
         # evaluation and checkpoint, which the Trainer does after logging, and at the last step.
         control.should_log = control.should_log or control.should_evaluate or control.should_save or (

@@ -53,8 +53,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_
 
     out = tmp_path / "interrupted"
     checkpoints = out / "checkpoints"
-    # Ctrl-C mid-epoch: a clean sentence, no traceback
-    code, log = interrupt_after([*args, "--output_dir", out], checkpoints / "checkpoint-20", signal.SIGINT,
+    # Ctrl-C as the first epoch ends (30 steps), just after its checkpoint: a clean sentence, no traceback
+    code, log = interrupt_after([*args, "--output_dir", out], checkpoints / "checkpoint-30", signal.SIGINT,
                                 tmp_path / "first.log")
     assert code == 1 and "Traceback" not in log
     assert "run the same command again to resume" in log
@@ -76,6 +76,10 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_
     assert a["accuracy"] == b["accuracy"]
     assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4 and abs(a["train_loss"] - b["train_loss"]) < 1e-4
     assert_same_adapter(tmp_path / "reference", out, tolerance=1e-5)
+    # and the curves have every epoch's evaluation: the checkpoint at an epoch's end is saved after it
+    evaluated = [[log["step"] for log in json.loads((folder / "log_history.json").read_text()) if "eval_loss" in log]
+                 for folder in (tmp_path / "reference", out)]
+    assert evaluated[0] == evaluated[1] == [30, 60, 90, 120, 150, 180], evaluated
 
 
 def test_resuming_with_other_settings_is_refused(tiny_model, reviews, tmp_path):
