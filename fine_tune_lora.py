@@ -750,7 +750,7 @@ class Watch(TrainerCallback):
             torch.cuda.synchronize()  # the GPU may still be working on the last steps
         self.trainer.epoch_seconds.append(time.perf_counter() - self.started)
         control.should_evaluate = control.should_evaluate and state.global_step < state.max_steps
-        control.should_save = control.should_save or self.save_after_evaluation
+        control.should_save, self.save_after_evaluation = control.should_save or self.save_after_evaluation, False
         self.on_step_end(args, state, control, epoch_end=True)
 
     def on_step_end(self, args, state, control, epoch_end=False, **kwargs):
