@@ -716,6 +716,10 @@ class FastTrainer(Trainer):
         # there it leaves out mixed precision, so speed_up's 16-bit weights fail. One GPU; describe_run says more.
         self.gpus_found, args._n_gpu = args.n_gpu, min(args.n_gpu, 1)
         super().__init__(model, args, **kwargs)
+        # GPT-2's classification loss is the mean over its own batch; the Trainer, seeing its forward take
+        # **kwargs, would take it for a sum over the accumulated batches, and neither divide it by
+        # GRADIENT_ACCUMULATION_STEPS: the loss logged and the gradients would be that many times too large.
+        self.model_accepts_loss_kwargs = False
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":

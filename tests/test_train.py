@@ -275,3 +275,16 @@ def test_a_max_length_beyond_the_model_is_capped_with_a_note_and_the_run_resumes
     assert "at most 256 tokens each" in (tmp_path / "out" / "README.md").read_text()
     again = run_main(capsys, *args)  # the same command once more: the same settings, so no word of another one
     assert again.returncode == 0 and "another" not in again.stdout, again.stdout
+
+
+def test_gradient_accumulation_is_the_same_training_as_a_bigger_batch(tiny_model, reviews, tmp_path, capsys):
+    """BATCH_SIZE 8 x GRADIENT_ACCUMULATION_STEPS 4 updates on the same 32 reviews as BATCH_SIZE 32: the same loss,
+    not one 4 times larger (what the README advises when memory runs out must not change the training)."""
+    losses = []
+    for name, sizes in (("accumulated", ["--batch_size", "8", "--gradient_accumulation_steps", "4"]),
+                        ("one batch", ["--batch_size", "32"])):
+        done = run_main(capsys, *base_args(tiny_model, reviews), *sizes, "--num_epochs", "1", "--learning_rate", "3e-4",
+                        "--group_by_length", "false", "--max_eval_samples", "16", "--output_dir", tmp_path / name)
+        assert done.returncode == 0, done.stderr[-2000:]
+        losses.append(read_results(tmp_path / name)["train_loss"])
+    assert abs(losses[0] / losses[1] - 1) < 0.1, losses
