@@ -352,8 +352,7 @@ def compare(cfg, argv, variants):
     results, histories = {}, {}
     for name, (settings, args) in plan_comparison(cfg, argv, variants).items():
         folder = output_dir(settings)
-        if all(read_json(folder / "results.json").get("config", {}).get(key) == getattr(settings, key)
-               for key in RUN_SETTINGS):
+        if measured(read_json(folder / "results.json").get("config", {})) == measured(vars(settings)):
             print(f"===== {name}: trained already, in {folder} =====", flush=True)
         else:
             print(f"\n===== {name}: python {Path(__file__).name} {shlex.join(args)} =====", flush=True)
@@ -1164,20 +1163,32 @@ def plan_comparison(cfg, argv, variants):
         except UserError as error:  # a variant of one word that fails: most likely its quotes were left out
             hint = "" if " " in name else '; variants go last, each quoted whole: --compare "--lora_r 4" "--lora_r 16"'
             raise UserError(f"--compare variant {name!r}: {error}{hint}") from None
-        key = json.dumps({k: getattr(settings, k) for k in RUN_SETTINGS}, sort_keys=True)
+        key = json.dumps(measured(vars(settings)), sort_keys=True)
         if key in seen:
             raise UserError(f"--compare variants {seen[key]!r} and {name!r} train with the same settings; drop one")
         seen[key], plan[name] = name, (settings, args)
     return plan
 
+def measured(settings):
+    """The settings a run's figures depend on, speed ones too (--compare "--precision fp32" "" is a comparison):
+    all but where it saves, and how it checkpoints and logs."""
+    return {name: value for name, value in settings.items() if name not in (
+        "output_dir", "full_output_dir", "resume", "save_steps", "save_minutes", "save_total_limit", "logging_steps",
+        "report_to")}
+
 TITLES = {"lora": "LoRA", "full": "full fine-tuning"}  # the columns of a plain --compare
 
 def comparison_table(results):
-    first, titles = next(iter(results.values())), [TITLES.get(name, name) for name in results]
-    cfg, ratio = first["config"], len(results) == 2  # two runs: the second's figures over the first's
-    lines = [f"{first['device']}, {first['training_precision']}; model {Path(cfg['model_name']).name}; "
-             f"{first['train_samples']:,} train / {first['eval_samples']:,} eval reviews, {cfg['num_epochs']} "
-             f"epoch(s), batch {cfg['batch_size']}, max length {first.get('max_length', cfg['max_length'])}", "",
+    runs, titles = list(results.values()), [TITLES.get(name, name) for name in results]
+    ratio = len(runs) == 2  # two runs: the second's figures over the first's
+
+    def each(key):  # the value the runs share, or each one's in column order ("fp32 / bf16")
+        values = [run[key] if key in run else run["config"][key] for run in runs]  # (older results: no max_length)
+        shown = [Path(v).name if key == "model_name" else f"{v:,}" if type(v) is int else v for v in values]
+        return " / ".join(dict.fromkeys(shown))
+    lines = [f"{each('device')}, {each('training_precision')}; model {each('model_name')}; {each('train_samples')} "
+             f"train / {each('eval_samples')} eval reviews, {each('num_epochs')} epoch(s), batch {each('batch_size')}, "
+             f"max length {each('max_length')}", "",
              f"| | {' | '.join(titles)} |" + (f" {titles[1]} / {titles[0]} |" if ratio else ""),
              "| --- " * (len(titles) + 1 + ratio) + "|"]
     lines += [f"| {name} | {' | '.join(cells)} |" + (f" {r} |" if ratio else "")

@@ -205,3 +205,25 @@ def test_accuracy_benchmark_writes_its_tables_and_its_command_reruns_nothing_don
                            cwd=tiny_model.parent, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("trained already") == 3
+
+
+def test_compare_measures_speed_settings_and_trains_again_when_what_it_measures_changes(
+        tiny_model, reviews, tmp_path, capsys, monkeypatch):
+    """Variants that differ only in a speed setting are a comparison, not a repeat; a variant trained before
+    is reused only if everything its figures depend on is the same, not just what training learns from."""
+    monkeypatch.chdir(tmp_path)  # comparison.md, .json and .png are written where the command is run
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "32", "--output_dir", "a"]
+    done = run_main(capsys, *args, "--max_eval_samples", "8", "--compare", "--precision fp32", "--precision bf16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["training_precision"] for r in results.values()] == ["fp32", "bf16"]
+    assert ", fp32 / bf16; model " in (tmp_path / "comparison.md").read_text()  # each run's, not the first's alone
+
+    again = run_main(capsys, *args, "--max_eval_samples", "16", "--compare", "--precision fp32")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trained already" not in again.stdout  # evaluated on 8 reviews before: not the figures asked for
+    assert json.loads((tmp_path / "comparison.json").read_text())["--precision fp32"]["eval_samples"] == 16
+
+    # Checkpointing and logging do not change what is measured: nothing trains again.
+    same = run_main(capsys, *args, "--max_eval_samples", "16", "--logging_steps", "3", "--compare", "--precision fp32")
+    assert same.returncode == 0 and "===== --precision fp32: trained already" in same.stdout, same.stderr[-3000:]
