@@ -973,15 +973,16 @@ def describe_run(cfg, run, trainer):
         quick = " For a quick run:" + "".join(f" --{k} {v}" for k, v in QUICK_RUN.items()) if bigger else ""
         total = f"{max(seconds, 1):.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
             f"{seconds / 3600:.1f} h"
-        print(f"No GPU found: training runs on the CPU. One step takes "
-              f"{f'about {step_seconds:.1f} s' if step_seconds >= 0.05 else 'under 0.1 s'} here, so this run needs "
+        step = f"{step_seconds:.2g}" if step_seconds < 10 else f"{step_seconds:.0f}"  # 0.012, 6.9, 42
+        print(f"No GPU found: training runs on the CPU. One step takes about {step} s here, so this run needs "
               f"roughly {total}.{quick}")
 
 def count(n, noun):  # 1 step, 2 steps
     return f"{n:,} {noun}{'s' * (n != 1)}"
 
 def estimate_cpu_time(cfg, run, trainer):
-    """Time one real training step on reviews of average length, and scale it up: rough, but measured."""
+    """Time one real batch on reviews of average length, and scale it up: rough, but measured. Returns the
+    seconds of a step (GRADIENT_ACCUMULATION_STEPS batches) and of the whole run."""
     train, model, lengths = trainer.train_dataset, trainer.model, token_counts(trainer.train_dataset)
     mean = sum(lengths) / len(lengths)
     typical = sorted(range(len(train)), key=lambda i: abs(lengths[i] - mean))
@@ -995,9 +996,10 @@ def estimate_cpu_time(cfg, run, trainer):
                 model(**batch).loss.backward()
     seconds = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
-    steps = math.ceil(len(train) / cfg.batch_size / run.world) * cfg.num_epochs
+    batches = math.ceil(len(train) / cfg.batch_size / run.world) * cfg.num_epochs
     # An evaluation step needs no backward pass: about a third of a training step per review.
-    return seconds, steps * seconds + cfg.num_epochs * len(trainer.eval_dataset) * seconds / len(batch["labels"]) / 3
+    evaluations = cfg.num_epochs * len(trainer.eval_dataset) * seconds / len(batch["labels"]) / 3
+    return seconds * cfg.gradient_accumulation_steps, batches * seconds + evaluations
 
 
 # -----------------------------------------------------------------------------

@@ -156,15 +156,25 @@ def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path, capsys):
 
 def test_a_cpu_run_of_hours_suggests_the_quick_run(tiny_model, reviews, tmp_path):
     """The estimate comes before training; a run that needs more than half an hour gets the quick run's
-    flags (a user would then press Ctrl-C, as this test does)."""
-    args = [*base_args(tiny_model, reviews), "--num_epochs", "100000", "--output_dir", tmp_path / "out"]
+    flags (a user would then press Ctrl-C, as this test does). Its figures agree with one another: a step
+    is what the line before counts, GRADIENT_ACCUMULATION_STEPS batches (here 30: one step an epoch)."""
+    args = [*base_args(tiny_model, reviews), "--num_epochs", "100000", "--gradient_accumulation_steps", "30",
+            "--output_dir", tmp_path / "out"]
     process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
-    estimate = next(line for line in process.stdout if line.startswith("No GPU found"))
+    printed = []
+    while not printed or not printed[-1].startswith("No GPU found"):
+        printed.append(process.stdout.readline())
+        assert printed[-1], "the script ended before its estimate"
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
+    estimate = printed[-1]
     assert re.search(r"this run needs roughly \d+\.\d h\. For a quick run: --max_train_samples 2000 "
                      r"--max_eval_samples 500 --num_epochs 1 --max_length 256 --learning_rate 0\.001$", estimate)
+    assert "1 step of 240 reviews = 100,000 steps" in printed[-2]
+    step, hours = map(float, re.search(r"One step takes about ([\d.e-]+) s .* roughly ([\d.]+) h", estimate).groups())
+    # the rest of the time is the evaluations: 120 test reviews an epoch, at a third of a training batch's time each
+    assert 0.75 < step * 100_000 / (hours * 3600) < 1, estimate
 
 
 def test_empty_reviews_are_dropped_and_counted(tiny_model, tmp_path, capsys):
