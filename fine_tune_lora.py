@@ -1,4 +1,4 @@
-"""
+r"""
 Fine-tune GPT-2 small to tell positive from negative IMDB movie reviews, training only a LoRA
 adapter (about 0.24% of the weights) with PEFT and the Hugging Face Trainer.
 
@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import typing
@@ -423,9 +424,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (python {self.prog} --help lists every option)")
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):  # the docstring as written; help lines wrapped
+    def _split_lines(self, text, width):  # between words only, so that no flag is cut after its "--"
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
 def parse_args(argv):
     parser = OneLineParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,  # no guessed flags
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
     # --help shows the comment after each constant: one place to document a setting.
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=.*?#\s*(.*)$", Path(__file__).read_text("utf-8"), re.M))
     for name in CONSTANTS:

@@ -246,10 +246,15 @@ def test_a_tracker_gets_the_logs(tiny_model, reviews, tmp_path, capsys):
     assert events and all(event.stat().st_size > 0 for event in events)
 
 
-def test_help_lists_every_constant_with_default_and_comment(capsys):
+def test_help_lists_every_constant_with_default_and_comment(capsys, monkeypatch):
     import fine_tune_lora
 
+    monkeypatch.setenv("COLUMNS", "80")
     done = run_main(capsys, "--help")
+    # The commands at the top as the file writes them, the quick run's two lines joined by a backslash a shell
+    # reads; and help lines cut between words, never after a flag's "--" (--compare's "--lora_r 4").
+    assert "--num_epochs 1 \\\n        --max_length 256 --learning_rate 1e-3" in done.stdout
+    assert not re.search(r"--\s*$", done.stdout, re.M)
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     # the settings block's constants, each a flag, and no other flag but the actions
