@@ -17,6 +17,7 @@ The lesson is fine_tune(), in six numbered steps; nothing below the fence is nee
 """
 import _thread
 import argparse
+import ast
 import builtins
 import contextlib
 import difflib
@@ -478,10 +479,16 @@ def check_constant(name):
     """A constant edited at the top of the file to a value of the wrong type, such as LEARNING_RATE = "3e-4",
     would fail deep in a library: name the line instead."""
     value, (kind, optional) = globals()[name], setting_type(name)
-    if type(value) is kind or value is None and optional or (kind, type(value)) in ((float, int), (list, str)):
+
+    def fits(v):
+        return type(v) is kind or v is None and optional or (kind, type(v)) in ((float, int), (list, str))
+    if fits(value):
         return value
     expected = {bool: "True or False", int: "a whole number", float: "a number", list: 'a list, such as ["c_attn"]'}
-    quoted = isinstance(value, str) and kind in (bool, int, float)
+    try:  # "3e-4" is a number in quotes; "fast" is not
+        quoted = isinstance(value, str) and fits(ast.literal_eval(value))
+    except (ValueError, SyntaxError):
+        quoted = False
     raise UserError(f"{name} = {value!r} at the top of {Path(__file__).name}{' is in quotes' * quoted}: it must be "
                     f"{expected.get(kind, 'text in quotes')}{' or None' * optional}; "
                     + ("remove the quotes" if quoted else "change that line"))

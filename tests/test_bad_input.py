@@ -101,6 +101,7 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model, reviews, tmp_path
     ("LEARNING_RATE", "3e-4", ["LEARNING_RATE = '3e-4' at the top of fine_tune_lora.py is in quotes", "a number",
                                "remove the quotes"]),
     ("FULL_FINETUNE", "False", ["FULL_FINETUNE = 'False'", "True or False"]),  # the text "False" counts as true
+    ("LEARNING_RATE", "fast", ["LEARNING_RATE = 'fast'", "a number", "change that line"]),  # no quotes to remove
     ("MAX_TRAIN_SAMPLES", 64.0, ["MAX_TRAIN_SAMPLES = 64.0", "a whole number or None", "change that line"]),
     ("OUTPUT_DIR", 5, ["OUTPUT_DIR = 5", "text in quotes"]),
 ])
