@@ -149,6 +149,7 @@ def fine_tune(cfg):
 
     # 1. Load GPT-2 and its tokenizer
     with loading("--model_name", cfg.model_name):
+        # GPT-2 with a new two-class head, in float32 to train (else transformers 5 keeps the saved dtype, bf16 for some)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
         model = AutoModelForSequenceClassification.from_pretrained(
             cfg.model_name, num_labels=2, id2label=dict(enumerate(LABELS)),
