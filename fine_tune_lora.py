@@ -1207,7 +1207,7 @@ def comparison_table(results):
              f"| | {' | '.join(titles)} |" + (f" {titles[1]} / {titles[0]} |" if ratio else ""),
              "| --- " * (len(titles) + 1 + ratio) + "|"]
     lines += [f"| {name} | {' | '.join(cells)} |" + (f" {r} |" if ratio else "")
-              for name, cells, r in result_rows(list(results.values()))]
+              for name, cells, r in result_rows(runs)]
     return "\n".join(lines)
 
 
