@@ -1178,10 +1178,14 @@ def plan_comparison(cfg, argv, variants):
         except UserError as error:  # a variant of one word that fails: most likely its quotes were left out
             hint = "" if " " in name else '; variants go last, each quoted whole: --compare "--lora_r 4" "--lora_r 16"'
             raise UserError(f"--compare variant {name!r}: {error}{hint}") from None
-        key = json.dumps(measured(vars(settings)), sort_keys=True)
+        key, folder = json.dumps(measured(vars(settings)), sort_keys=True), output_dir(settings)
         if key in seen:
             raise UserError(f"--compare variants {seen[key]!r} and {name!r} train with the same settings; drop one")
-        seen[key], plan[name] = name, (settings, args)
+        if folder in seen:  # the second would replace the first's results
+            raise UserError(f"--compare runs {seen[folder]!r} and {name!r} would both save to {folder}; "
+                            f"give them different folders or names")
+        seen[key] = seen[folder] = name
+        plan[name] = settings, args
     return plan
 
 def measured(settings):
