@@ -352,8 +352,10 @@ def compare(cfg, argv, variants):
     """Train each variant of the settings (alone, --compare sets LoRA against full fine-tuning) on the same
     data, each in a process of its own so that each peak memory is its own, and tabulate what each cost and
     gained. A variant already trained with the same settings is not trained again."""
-    results, histories = {}, {}
-    for name, (settings, args) in plan_comparison(cfg, argv, variants).items():
+    results, histories, plan = {}, {}, plan_comparison(cfg, argv, variants)
+    if not is_main_process():  # under torchrun each process starts its part of every run; the first one reports
+        sys.stdout = open(os.devnull, "w")
+    for name, (settings, args) in plan.items():
         folder = output_dir(settings)
         if measured(read_json(folder / "results.json").get("config", {})) == measured(vars(settings)):
             print(f"===== {name}: trained already, in {folder} =====", flush=True)
@@ -364,6 +366,8 @@ def compare(cfg, argv, variants):
         results[name] = read_json(folder / "results.json")
         histories[TITLES.get(name, name)] = read_json(folder / "log_history.json")
     table = comparison_table(results)
+    if not is_main_process():
+        return
     Path("comparison.md").write_text(table + "\n", "utf-8")
     Path("comparison.json").write_text(json.dumps(results, indent=2))
     plot_curves(histories, Path("comparison.png"))
@@ -385,6 +389,8 @@ def main(argv=None):
     try:
         cfg, args = parse_args(argv)
         quiet_libraries()
+        if (args.predict or args.merge) and not is_main_process():
+            return 0  # under torchrun every process runs this file: one is enough to classify or merge
         if args.predict:
             predict(cfg, args.predict, args.adapters)
         elif args.merge:
