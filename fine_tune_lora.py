@@ -1173,7 +1173,8 @@ def plan_comparison(cfg, argv, variants):
         for variant in variants:
             words = shlex.split(variant)
             if {"--output_dir", "--full_output_dir", "--compare", "--predict", "--merge"} & set(words):
-                raise UserError(f"--compare variant {variant!r}: a variant changes training settings only")
+                raise UserError(f"--compare variant {variant!r}: a variant changes training settings only; "
+                                "other options go before --compare")
             name = " ".join(words) or "base settings"
             folder = Path(f"{cfg.output_dir}-compare") / re.sub(r"[^\w.=-]+", "-", name.replace("--", "")).strip("-")
             runs.append((name, [*argv, *words, "--output_dir", str(folder), "--full_output_dir", str(folder)]))

@@ -73,6 +73,8 @@ CASES = {
                                                 ["--compare variant '--lora_r four'", "whole number"]),
     "a --compare variant not quoted": (lambda tmp: ["--compare", "--lora_r", "4"],
                                        ["--compare variant '--lora_r'", 'each quoted whole: --compare "--lora_r 4"']),
+    "an option after --compare": (lambda tmp: ["--compare", "--output_dir", tmp / "out"],
+                                  ["--compare variant '--output_dir'", "other options go before --compare"]),
     "two --compare variants the same": (lambda tmp: ["--compare", "--lora_r 8", ""],
                                         ["'--lora_r 8' and 'base settings'", "same settings"]),
     "two --compare variants saved in one folder": (lambda tmp: ["--compare", "--target_modules c_attn c_proj",
