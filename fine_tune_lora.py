@@ -352,22 +352,22 @@ def compare(cfg, argv, variants):
     """Train each variant of the settings (alone, --compare sets LoRA against full fine-tuning) on the same
     data, each in a process of its own so that each peak memory is its own, and tabulate what each cost and
     gained. A variant already trained with the same settings is not trained again."""
-    results, histories, plan = {}, {}, plan_comparison(cfg, argv, variants)
-    if not is_main_process():  # under torchrun each process starts its part of every run; the first one reports
-        sys.stdout = open(os.devnull, "w")
-    for name, (settings, args) in plan.items():
-        folder = output_dir(settings)
-        if measured(read_json(folder / "results.json").get("config", {})) == measured(vars(settings)):
+    results, histories = {}, {}
+    # Under torchrun, the first process starts each run on as many processes, with a torchrun of its own.
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] * (world > 1)
+    for name, (settings, args) in plan_comparison(cfg, argv, variants).items():
+        folder, done = output_dir(settings), read_json(output_dir(settings) / "results.json")
+        if measured(done.get("config", {})) == measured(vars(settings)) and done.get("processes") == world:
             print(f"===== {name}: trained already, in {folder} =====", flush=True)
         else:
-            print(f"\n===== {name}: python {Path(__file__).name} {shlex.join(args)} =====", flush=True)
-            if subprocess.run([sys.executable, __file__, *args]).returncode != 0:
+            launch = f"torchrun --nproc_per_node {world}" if torchrun else "python"
+            print(f"\n===== {name}: {launch} {Path(__file__).name} {shlex.join(args)} =====", flush=True)
+            if subprocess.run([sys.executable, *torchrun, __file__, *args]).returncode != 0:
                 raise UserError(f"the {name!r} run stopped; see its message above. The same command goes on from it")
         results[name] = read_json(folder / "results.json")
         histories[TITLES.get(name, name)] = read_json(folder / "log_history.json")
     table = comparison_table(results)
-    if not is_main_process():
-        return
     Path("comparison.md").write_text(table + "\n", "utf-8")
     Path("comparison.json").write_text(json.dumps(results, indent=2))
     plot_curves(histories, Path("comparison.png"))
@@ -389,8 +389,8 @@ def main(argv=None):
     try:
         cfg, args = parse_args(argv)
         quiet_libraries()
-        if (args.predict or args.merge) and not is_main_process():
-            return 0  # under torchrun every process runs this file: one is enough to classify or merge
+        if (args.predict or args.merge or args.compare) and not is_main_process():
+            return 0  # under torchrun every process runs this file: one classifies, merges or compares
         if args.predict:
             predict(cfg, args.predict, args.adapters)
         elif args.merge:

@@ -227,3 +227,10 @@ def test_compare_measures_speed_settings_and_trains_again_when_what_it_measures_
     # Checkpointing and logging do not change what is measured: nothing trains again.
     same = run_main(capsys, *args, "--max_eval_samples", "16", "--logging_steps", "3", "--compare", "--precision fp32")
     assert same.returncode == 0 and "===== --precision fp32: trained already" in same.stdout, same.stderr[-3000:]
+
+    # A run trained on another number of processes (under torchrun) took other steps, in another time: trained again.
+    saved = tmp_path / "a-compare" / "precision-fp32" / "results.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "processes": 2}))
+    retrained = run_main(capsys, *args, "--max_eval_samples", "16", "--compare", "--precision fp32")
+    assert retrained.returncode == 0 and "trained already" not in retrained.stdout, retrained.stderr[-3000:]
+    assert json.loads(saved.read_text())["processes"] == 1

@@ -210,33 +210,31 @@ def test_a_folder_windows_will_not_rename_keeps_the_new_adapter_and_says_where(t
 
 
 def test_torchrun_trains_on_two_processes(tiny_model, reviews, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "ddp"
+    """The README's torchrun command; and --compare, --merge and --predict started with torchrun out of habit:
+    done once, said once. (--compare here trains one run: it starts it with a torchrun of its own.)"""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-    def torchrun(*args):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", "29517", str(SCRIPT), *base_args(tiny_model, reviews),
-                               "--num_epochs", "4", "--output_dir", str(out), *args],  # 2 x 8 a step: twice the epochs
-                              capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    done = torchrun()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(SCRIPT), *base_args(tiny_model, reviews),
+                           "--num_epochs", "4", "--output_dir", str(tmp_path / "ddp"),  # 2 x 8 a step: twice the epochs
+                           "--compare", ""], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "ddp-compare" / "base-settings"
     results = read_results(out)
     assert results["processes"] == 2
     assert sum(map(sum, results["confusion_matrix"])) == 120  # metrics over the whole eval set
     assert results["accuracy"] >= 0.9
-    assert done.stdout.count("Found 240 train") == 1 and done.stdout.count("\naccuracy") == 1  # one process speaks
+    said = [done.stdout.count(s) for s in ("base settings: torchrun --nproc_per_node 2", "Found 240 train", "\naccuracy",
+                                           "| accuracy")]
+    assert said == [1, 1, 1, 1], done.stdout  # one process speaks
+    assert json.loads((tmp_path / "comparison.json").read_text())["base settings"]["accuracy"] == results["accuracy"]
+    monkeypatch.setenv("RANK", "1")  # as in the second process: it leaves the work to the first
+    for action in (["--merge"], ["--predict", "a superb film"]):
+        left = run_main(capsys, "--output_dir", out, *action)
+        assert (left.returncode, left.stdout, left.stderr) == (0, "", "")
+    assert not Path(f"{out}-merged").exists()
+    monkeypatch.setenv("RANK", "0")
     predicted = run_main(capsys, "--output_dir", out, "--predict", "a superb film . overall wonderful")
     assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].startswith("positive")
-
-    # What else the README's commands do, started with torchrun out of habit: done once, said once.
-    predicted = torchrun("--predict", "a superb film . overall wonderful")
-    assert predicted.returncode == 0 and predicted.stdout.count("positive") == 1, predicted.stdout
-    merged = torchrun("--merge")
-    assert merged.returncode == 0 and merged.stdout.count("Merged") == 1, merged.stdout
-    compared = torchrun("--full_output_dir", str(tmp_path / "full"), "--compare")  # LoRA: trained already
-    assert compared.returncode == 0, compared.stderr[-3000:]
-    assert [compared.stdout.count(s) for s in ("===== lora", "===== full", "| accuracy")] == [1, 1, 1], compared.stdout
-    assert json.loads((tmp_path / "comparison.json").read_text())["full"]["processes"] == 2
 
 
 # The real entry point with the Trainer seeing two GPUs, as on a machine with two (a Kaggle T4 x2) run without torchrun.
