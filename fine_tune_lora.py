@@ -308,7 +308,8 @@ def predict(cfg, texts, adapter_dirs=None):
         if len(folders) > 1:
             model.set_adapter(str(i) if i else "default")  # instant: the base weights stay in place
         columns.append(classify(model, tokenizer, kept, cfg.max_length).softmax(-1) if kept else [])
-    print("  ".join(f"{Path(folder).name[:18]:<18}" for folder in folders) + "  text")
+    widths = [max(18, len(str(folder))) for folder in folders]  # each folder as given: two may share a name
+    print("  ".join(f"{str(folder):<{width}}" for folder, width in zip(folders, widths)) + "  text")
     rows = zip(*columns)
     for text in texts:
         shown = " ".join("".join(c if c.isprintable() else " " for c in text).split())  # on one short line
@@ -316,7 +317,7 @@ def predict(cfg, texts, adapter_dirs=None):
             cells = [f"{LABELS[int(p.argmax())]} {p.max():.3f}" for p in next(rows)]
         else:
             cells, shown = ["skipped"] * len(folders), "(empty text: nothing to classify)"
-        print("  ".join(f"{cell:<18}" for cell in cells) + "  " + (shown if len(shown) <= 60 else shown[:59] + "…"))
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) + "  " + (shown if len(shown) <= 60 else shown[:59] + "…"))
     if len(kept) < len(texts):
         print(f"Skipped {len(texts) - len(kept)} empty or whitespace-only text(s).")
 

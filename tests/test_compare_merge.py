@@ -84,15 +84,15 @@ def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, 
 
 def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path, capsys, monkeypatch):
     first, _ = trained
-    second = tmp_path / "second"
+    second = tmp_path / "home" / first.name  # the same name, in another folder
     done = run_script(*base_args(tiny_model, reviews), "--lora_r", "4", "--lora_alpha", "8", "--target_modules",
                       "c_attn", "c_proj", "--seed", "7", "--output_dir", second)
     assert done.returncode == 0, done.stderr[-2000:]
-    monkeypatch.setenv("HOME", str(tmp_path))  # "~/second" quoted, as the shell leaves it
-    both = run_main(capsys, "--predict", *TEXTS, "--adapters", first, "~/second")
+    monkeypatch.setenv("HOME", str(second.parent))  # "~/..." quoted, as the shell leaves it
+    both = run_main(capsys, "--predict", *TEXTS, "--adapters", first, f"~/{first.name}")
     assert both.returncode == 0, both.stderr[-2000:]
     header = both.stdout.splitlines()[0].split()
-    assert header[:2] == [first.name, second.name]
+    assert header[:2] == [str(first), str(second)]  # told apart, however long
     rows = predictions_table(both.stdout)
     assert len(rows) == len(TEXTS) and all(len(r) >= 4 for r in rows)
     # each column is exactly what that adapter gives when loaded on its own
