@@ -896,9 +896,10 @@ RUN_SETTINGS = ["model_name", "dataset_name", "max_length", "max_train_samples",
                 "gradient_accumulation_steps", "num_epochs", "seed", "group_by_length"]
 
 def find_resume_checkpoint(cfg, folder):
-    """The last complete checkpoint (the Trainer writes trainer_state.json last) of a run with these settings."""
+    """The last complete checkpoint of a run with these settings: the Trainer writes trainer_state.json last
+    (a kill while it is written leaves it cut short, and that checkpoint is passed over)."""
     found = [p for p in Path(folder).glob("checkpoint-*")
-             if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()] if cfg.resume else []
+             if read_json(p / "trainer_state.json") and p.name.split("-")[-1].isdigit()] if cfg.resume else []
     saved = read_json(Path(folder) / "run_settings.json")
     for name in RUN_SETTINGS if found else []:
         if saved.get(name) != getattr(cfg, name):
