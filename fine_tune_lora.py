@@ -929,6 +929,9 @@ def stopped(cfg, args):
     with contextlib.suppress(UserError):  # (another run's checkpoints: this one starts over)
         if checkpoint := find_resume_checkpoint(cfg, output_dir(cfg) / "checkpoints"):
             return f"Stopped; the last checkpoint is {checkpoint}: run the same command again to resume from it"
+    out = output_dir(cfg)  # saved, and no run in progress: stopped after the save, or before a new run began
+    if read_json(out / "results.json").get("config") == vars(cfg) and not (out / "checkpoints").exists():
+        return f"Stopped; {out} holds the model trained with these settings; the same command would train it again."
     return ("Stopped before this run saved a checkpoint: the same command starts over." if cfg.resume else
             "Stopped; with --resume false the same command starts over.")
 
