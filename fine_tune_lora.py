@@ -309,7 +309,10 @@ def predict(cfg, texts, adapter_dirs=None):
             model.set_adapter(str(i) if i else "default")  # instant: the base weights stay in place
         columns.append(classify(model, tokenizer, kept, cfg.max_length).softmax(-1) if kept else [])
     widths = [max(18, len(str(folder))) for folder in folders]  # each folder as given: two may share a name
-    print("  ".join(f"{str(folder):<{width}}" for folder, width in zip(folders, widths)) + "  text")
+
+    def line(cells, text):
+        return "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) + "  " + text
+    print(line(map(str, folders), "text"))
     rows = zip(*columns)
     for text in texts:
         shown = " ".join("".join(c if c.isprintable() else " " for c in text).split())  # on one short line
@@ -317,7 +320,7 @@ def predict(cfg, texts, adapter_dirs=None):
             cells = [f"{LABELS[int(p.argmax())]} {p.max():.3f}" for p in next(rows)]
         else:
             cells, shown = ["skipped"] * len(folders), "(empty text: nothing to classify)"
-        print("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) + "  " + (shown if len(shown) <= 60 else shown[:59] + "…"))
+        print(line(cells, shown if len(shown) <= 60 else shown[:59] + "…"))
     if len(kept) < len(texts):
         print(f"Skipped {len(texts) - len(kept)} empty or whitespace-only text(s).")
 
@@ -358,7 +361,8 @@ def compare(cfg, argv, variants):
     world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] * (world > 1)
     for name, (settings, args) in plan_comparison(cfg, argv, variants).items():
-        folder, done = output_dir(settings), read_json(output_dir(settings) / "results.json")
+        folder = output_dir(settings)
+        done = read_json(folder / "results.json")
         if measured(done.get("config", {})) == measured(vars(settings)) and done.get("processes") == world:
             print(f"===== {name}: trained already, in {folder} =====", flush=True)
         else:
@@ -926,10 +930,11 @@ def stopped(cfg, args):
         return "Stopped the comparison; the same command goes on from the run it stopped in."
     if cfg is None or args.predict or args.merge:
         return "Stopped; nothing was left half-written."
+    out = output_dir(cfg)
     with contextlib.suppress(UserError):  # (another run's checkpoints: this one starts over)
-        if checkpoint := find_resume_checkpoint(cfg, output_dir(cfg) / "checkpoints"):
+        if checkpoint := find_resume_checkpoint(cfg, out / "checkpoints"):
             return f"Stopped; the last checkpoint is {checkpoint}: run the same command again to resume from it"
-    out = output_dir(cfg)  # saved, and no run in progress: stopped after the save, or before a new run began
+    # Saved, and no run in progress: stopped after the save, or before a new run began.
     if read_json(out / "results.json").get("config") == vars(cfg) and not (out / "checkpoints").exists():
         return f"Stopped; {out} holds the model trained with these settings; the same command would train it again."
     return ("Stopped before this run saved a checkpoint: the same command starts over." if cfg.resume else
