@@ -30,6 +30,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -407,7 +408,10 @@ def main(argv=None):
     except (Exception, KeyboardInterrupt) as error:
         # A full disk is the one failure besides the input that the user can fix: it gets its line too.
         disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
-        if not isinstance(error, (UserError, KeyboardInterrupt)) and not disk_full:
+        # The output piped into a program that has stopped reading (| head) stops the run too, as Ctrl-C does.
+        if pipe_closed := isinstance(error, BrokenPipeError) and stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what Python writes on exit goes nowhere
+        if not isinstance(error, (UserError, KeyboardInterrupt)) and not disk_full and not pipe_closed:
             raise
         for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
             bar.close()

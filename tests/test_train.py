@@ -68,6 +68,19 @@ def test_predict_prints_a_label_and_probability_per_text(trained, capsys):
     assert 0.5 < probability <= 1.0
 
 
+def test_output_piped_into_a_program_that_stops_reading_ends_with_one_line(trained):
+    """`--predict ... | head -2`, or a training run piped into head: the rows no one reads are no traceback."""
+    out, _ = trained
+    texts = [f"review {i} . overall superb" for i in range(3000)]  # more than a pipe holds
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(out), "--predict", *texts],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().split() == [str(out), "text"]
+    process.stdout.close()  # as head does once it has its lines
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert stderr.strip().splitlines() == ["error: Stopped; nothing was left half-written."], stderr[-2000:]
+
+
 RELOAD = """
 import json, sys, torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel
