@@ -835,8 +835,8 @@ def prepare_run(cfg):
                            device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")))
 
 def check_output_dir(out_dir):
-    out = Path(out_dir)
-    if Path.cwd().is_relative_to(out.resolve()):  # a save replaces the folder: it cannot be the one we are in
+    out = Path(out_dir).resolve()  # a link to a folder on another disk: that folder is the one saved and swapped
+    if Path.cwd().is_relative_to(out):  # a save replaces the folder: it cannot be the one we are in
         raise UserError(f"--output_dir {out_dir} is the current folder or holds it, and saving replaces the whole "
                         f"output folder; give a folder of its own, such as {OUTPUT_DIR}")
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):  # left by a stop in save_atomically's swap
@@ -844,15 +844,15 @@ def check_output_dir(out_dir):
             shutil.rmtree(old, ignore_errors=True)
         else:  # between the two renames: the old folder comes back
             os.rename(old, out)
-            print(f"Restored {out} from an interrupted save")
+            print(f"Restored {out_dir} from an interrupted save")
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out_dir} is a file; give a folder name")
     if out.is_dir() and any(out.iterdir()) and not saved_by_this_script(out):
         raise UserError(f"--output_dir {out_dir} already holds files that are not a saved model; "
                         f"it would be replaced, so give a new or empty folder")
     try:
-        out.resolve().parent.mkdir(parents=True, exist_ok=True)
-        for folder in [out.resolve().parent] + ([out] if out.is_dir() else []):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for folder in [out.parent] + ([out] if out.is_dir() else []):
             tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise UserError(f"--output_dir {out_dir} is not writable ({error.strerror}); "
@@ -870,7 +870,7 @@ def saved_by_this_script(folder):
 def save_atomically(out_dir, write):
     """Write a folder beside `out_dir`, then swap it in: a crash leaves the old folder or the new one,
     never a half-written one."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # (a link stays, and points at the new folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

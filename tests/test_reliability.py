@@ -135,6 +135,21 @@ def test_a_run_that_will_replace_a_model_trained_otherwise_says_so_first(trained
     assert again.returncode == 0 and "holds a model" not in again.stdout
 
 
+def test_an_output_folder_linked_to_another_disk_is_saved_there_and_stays_a_link(tiny_model, reviews, tmp_path, capsys):
+    """On a cluster the output folder is often a link to a bigger disk: the model goes there, the link stays."""
+    disk, link = tmp_path / "scratch" / "lora", tmp_path / "home" / "gpt2-imdb-lora"
+    disk.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(disk)
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "5",
+                    "--output_dir", link)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert link.is_symlink() and (disk / "adapter_model.safetensors").exists()
+    # nothing left beside either: no copy of the link, no old folder; and the checkpoints are gone with it
+    assert os.listdir(link.parent) == [link.name] and os.listdir(disk.parent) == [disk.name]
+    assert not (disk / "checkpoints").exists()
+
+
 def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
     import fine_tune_lora
 
