@@ -406,18 +406,23 @@ def main(argv=None):
         else:
             fine_tune(cfg)
     except (Exception, KeyboardInterrupt) as error:
-        # A full disk is the one failure besides the input that the user can fix: it gets its line too.
+        # Besides the input, the user can fix a full disk and a batch too big for the memory: each gets its line too.
         disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+        no_memory = isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate" in str(error)
         # The output piped into a program that has stopped reading (| head) stops the run too, as Ctrl-C does.
         if pipe_closed := isinstance(error, BrokenPipeError) and stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what Python writes on exit goes nowhere
-        if not isinstance(error, (UserError, KeyboardInterrupt)) and not disk_full and not pipe_closed:
+        if not isinstance(error, (UserError, KeyboardInterrupt)) and not (disk_full or no_memory or pipe_closed):
             raise
         for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
             bar.close()
         message = str(error) if isinstance(error, UserError) else stopped(cfg, args)
         if disk_full:
             message = f"the disk is full; free some space, or give --output_dir a folder on another disk. {message}"
+        if no_memory:
+            message = (f"out of memory; halve --batch_size and double --gradient_accumulation_steps (updates of as "
+                       f"many reviews, in less memory), or lower --max_length or, if it was evaluating, "
+                       f"--eval_batch_size. {message}")
         if not isinstance(error, KeyboardInterrupt) or is_main_process():  # under torchrun every process stops
             print(f"error: {message}", file=sys.stderr, flush=True)
         return 1

@@ -473,6 +473,27 @@ def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_f
     rerun = run_script(*args)
     assert rerun.returncode == 0 and "Resuming from" in rerun.stdout and "(step 2)" in rerun.stdout
 
+@pytest.mark.parametrize("where, error", [
+    ("training_step", lambda torch: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),  # GPU
+    ("prediction_step", lambda torch: RuntimeError(  # a CPU, where the system refuses the memory instead of a kill
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")),
+])
+def test_running_out_of_memory_ends_with_one_line_saying_what_to_change(where, error, tiny_model, reviews, tmp_path,
+                                                                        capsys, monkeypatch):
+    import torch
+
+    import fine_tune_lora
+
+    def out_of_memory(*args, **kwargs):
+        raise error(torch)
+    monkeypatch.setattr(fine_tune_lora.FastTrainer, where, out_of_memory)
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--output_dir", tmp_path / "out")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert done.stderr.startswith("error: out of memory; halve --batch_size and double --gradient_accumulation_steps")
+    assert "--eval_batch_size" in done.stderr and "Stopped" in done.stderr
+
+
 def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_runs_figures(tiny_model, reviews,
                                                                                           tmp_path):
     """About 250 LoRA steps with the default checkpoint settings: a checkpoint exists before the run
