@@ -408,7 +408,8 @@ def main(argv=None):
     except (Exception, KeyboardInterrupt) as error:
         # Besides the input, the user can fix a full disk and a batch too big for the memory: each gets its line too.
         disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
-        no_memory = isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate" in str(error)
+        no_memory = isinstance(error, torch.OutOfMemoryError) or any(  # a CPU's and a Mac's are RuntimeErrors
+            text in str(error) for text in ("DefaultCPUAllocator: can't allocate", "MPS backend out of memory"))
         # The output piped into a program that has stopped reading (| head) stops the run too, as Ctrl-C does.
         if pipe_closed := isinstance(error, BrokenPipeError) and stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what Python writes on exit goes nowhere

@@ -478,6 +478,9 @@ def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_f
     ("prediction_step", lambda torch: RuntimeError(  # a CPU, where the system refuses the memory instead of a kill
         "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
         "allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")),
+    ("training_step", lambda torch: RuntimeError(  # a Mac's GPU: torch raises a plain RuntimeError there
+        "MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1.20 GB, max allowed: 9.07 GB). "
+        "Tried to allocate 512.00 MB on private pool.")),
 ])
 def test_running_out_of_memory_ends_with_one_line_saying_what_to_change(where, error, tiny_model, reviews, tmp_path,
                                                                         capsys, monkeypatch):
