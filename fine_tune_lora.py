@@ -69,6 +69,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no trac
                                                                      "nothing was done."))
 
 import datasets
+import filelock
 import huggingface_hub
 import pyarrow.compute
 import torch
@@ -431,6 +432,7 @@ def main(argv=None):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         sys.unraisablehook = unraisable_hook
+        unlock_output_dirs()  # another run may use the output folder now
     return 0
 
 
@@ -825,6 +827,8 @@ def prepare_run(cfg):
         if source.exists() and source.resolve().is_relative_to(out_dir.resolve()):
             raise UserError(f"--output_dir {out_dir} holds --{flag} {getattr(cfg, flag)}, which saving would "
                             f"delete; give the output a folder of its own, such as {OUTPUT_DIR}")
+    if is_main_process():
+        lock_output_dir(out_dir)  # one run at a time into a folder
     check_output_dir(out_dir)  # fail now, not after training, if the results could not be saved
     checkpoints = out_dir / "checkpoints"
     resume_from = find_resume_checkpoint(cfg, checkpoints)
@@ -839,6 +843,30 @@ def prepare_run(cfg):
     device, device_name, precision = pick_device_and_precision(cfg)
     return SimpleNamespace(out_dir=out_dir, checkpoints=str(checkpoints), resume_from=resume_from, device=device,
                            device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")))
+
+HELD_LOCKS = []
+
+def lock_output_dir(out_dir):
+    """A second run into the folder a run is training into would delete its checkpoints, or replace what it
+    saves: a lock file beside the folder refuses it. main() releases the lock, and its file goes."""
+    out = Path(out_dir).resolve()
+    lock = filelock.FileLock(out.parent / f".{out.name}.lock", timeout=0)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(f"another run is training into {out_dir}; wait for it to end, or give this one an "
+                        f"--output_dir of its own") from None
+    except OSError:  # a folder that cannot be written: check_output_dir says so
+        return
+    HELD_LOCKS.append(lock)
+
+def unlock_output_dirs():
+    while HELD_LOCKS:
+        lock = HELD_LOCKS.pop()
+        lock.release()
+        with contextlib.suppress(OSError):  # (already gone, or Windows: another run has it open)
+            os.remove(lock.lock_file)
 
 def check_output_dir(out_dir):
     out = Path(out_dir).resolve()  # a link to a folder on another disk: that folder is the one saved and swapped

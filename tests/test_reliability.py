@@ -97,6 +97,28 @@ def test_resuming_with_other_settings_is_refused(tiny_model, reviews, tmp_path):
     assert fresh.returncode == 0 and "Resuming" not in fresh.stdout
 
 
+def test_a_second_run_into_the_folder_a_run_is_training_into_is_refused(tiny_model, reviews, tmp_path, capsys):
+    """Started again in another terminal, the second run would delete the first's checkpoints (or resume from
+    them while it goes on), and whichever finished last would replace the other's model."""
+    out = tmp_path / "out"
+    args = [*base_args(tiny_model, reviews), "--output_dir", out, "--resume", "false"]
+    with open(tmp_path / "log", "w") as log:
+        first = start([*args, "--num_epochs", "100", "--save_steps", "5"], log)
+        while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+            assert first.poll() is None, (tmp_path / "log").read_text()[-2000:]
+            time.sleep(0.02)
+        second = run_main(capsys, *args, "--num_epochs", "1")
+        assert second.returncode == 1 and second.stderr == (
+            f"error: another run is training into {out}; wait for it to end, or give this one an --output_dir of "
+            f"its own\n")
+        assert list(out.glob("checkpoints/checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 1
+    after = run_main(capsys, *args, "--num_epochs", "1")  # the first run has ended: the folder is free again
+    assert after.returncode == 0 and (out / "adapter_model.safetensors").exists(), after.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["log", "out"]  # and the lock's file is gone
+
+
 def adapter_tensors(folder):
     from safetensors.torch import load_file
 
