@@ -405,7 +405,8 @@ def main(argv=None):
         elif args.compare:
             compare(cfg, [arg for arg in argv if arg != "--compare"], variants)
         else:
-            fine_tune(cfg)
+            with one_run_at_a_time(output_dir(cfg)):
+                fine_tune(cfg)
     except (Exception, KeyboardInterrupt) as error:
         # Besides the input, the user can fix a full disk and a batch too big for the memory: each gets its line too.
         disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
@@ -432,7 +433,6 @@ def main(argv=None):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         sys.unraisablehook = unraisable_hook
-        unlock_output_dirs()  # another run may use the output folder now
     return 0
 
 
@@ -827,8 +827,6 @@ def prepare_run(cfg):
         if source.exists() and source.resolve().is_relative_to(out_dir.resolve()):
             raise UserError(f"--output_dir {out_dir} holds --{flag} {getattr(cfg, flag)}, which saving would "
                             f"delete; give the output a folder of its own, such as {OUTPUT_DIR}")
-    if is_main_process():
-        lock_output_dir(out_dir)  # one run at a time into a folder
     check_output_dir(out_dir)  # fail now, not after training, if the results could not be saved
     checkpoints = out_dir / "checkpoints"
     resume_from = find_resume_checkpoint(cfg, checkpoints)
@@ -844,29 +842,29 @@ def prepare_run(cfg):
     return SimpleNamespace(out_dir=out_dir, checkpoints=str(checkpoints), resume_from=resume_from, device=device,
                            device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")))
 
-HELD_LOCKS = []
-
-def lock_output_dir(out_dir):
+@contextlib.contextmanager
+def one_run_at_a_time(out_dir):
     """A second run into the folder a run is training into would delete its checkpoints, or replace what it
-    saves: a lock file beside the folder refuses it. main() releases the lock, and its file goes."""
+    saves: a lock file beside the folder, held while the run goes on, refuses it."""
     out = Path(out_dir).resolve()
-    lock = filelock.FileLock(out.parent / f".{out.name}.lock", timeout=0)
+    # (under torchrun the first process holds it for all)
+    lock = filelock.FileLock(out.parent / f".{out.name}.lock", timeout=0) if is_main_process() else None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        if lock:
+            lock.acquire()
     except filelock.Timeout:
         raise UserError(f"another run is training into {out_dir}; wait for it to end, or give this one an "
                         f"--output_dir of its own") from None
     except OSError:  # a folder that cannot be written: check_output_dir says so
-        return
-    HELD_LOCKS.append(lock)
-
-def unlock_output_dirs():
-    while HELD_LOCKS:
-        lock = HELD_LOCKS.pop()
-        lock.release()
-        with contextlib.suppress(OSError):  # (already gone, or Windows: another run has it open)
-            os.remove(lock.lock_file)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock:
+            lock.release()
+            with contextlib.suppress(OSError):  # (Windows: another run has it open)
+                os.remove(lock.lock_file)
 
 def check_output_dir(out_dir):
     out = Path(out_dir).resolve()  # a link to a folder on another disk: that folder is the one saved and swapped
