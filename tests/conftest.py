@@ -1,10 +1,13 @@
 """Tiny stand-ins the tests build for themselves: a byte-level BPE tokenizer, a 2-layer GPT-2 with
 random weights, and synthetic reviews whose sentiment can be learned in a few dozen steps."""
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets keeps a copy of every data folder it reads, and of its tokenized reviews, in its cache (by default
+# in your home folder): the tests' copies go to a temporary folder, deleted when they end.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fine-tune-lora-tests-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one core each, not two threads fighting over each core
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
