@@ -622,6 +622,11 @@ def check_model_settings(cfg, model):
                         f"it has for example {', '.join(sorted(layers)[:6])}")
     if cfg.max_length > (limit := max_tokens(cfg, model)):
         print(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {limit}")
+    # Batches are padded up to a multiple of PAD_TO_MULTIPLE_OF: never past the last position the model has.
+    padded = math.ceil(limit / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
+    if padded > model.config.max_position_embeddings:
+        raise UserError(f"--pad_to_multiple_of {cfg.pad_to_multiple_of} pads a review of {limit} tokens to {padded}, "
+                        f"more than this model can read; use {limit} or a smaller number")
     return limit
 
 def max_tokens(cfg, model):  # MAX_LENGTH, or the most tokens the model can read if that is fewer

@@ -57,6 +57,8 @@ CASES = {
                      ["no train reviews are left"]),
     "unknown target module": (lambda tmp: ["--target_modules", "c_attn", "q_proj"],
                               ["no layer called q_proj", "c_attn"]),
+    "padding past the model's last position": (lambda tmp: ["--pad_to_multiple_of", "300"],  # reads 256 tokens
+                                               ["--pad_to_multiple_of 300", "to 300", "use 64"]),
     "value that does not parse": (lambda tmp: ["--lora_r", "eight"], ["--lora_r", "'eight'", "whole number"]),
     "unknown flag": (lambda tmp: ["--lora_rank", "8"], ["unrecognized arguments: --lora_rank"]),
     "negative sample count": (lambda tmp: ["--max_train_samples", "-5"], ["--max_train_samples", "-5"]),
