@@ -539,6 +539,8 @@ def check_config(cfg):
         off = name in ("save_steps", "save_minutes")  # 0: no checkpoints by steps, or by time
         if type(value) in (int, float) and name not in ("seed", "lora_dropout") and (value < 0 or not value and not off):
             raise UserError(f"--{name} must be {'0 or more' if off else 'greater than 0'}, got {value}")
+    if not 0 <= cfg.seed < 2**32:  # what numpy's generator takes
+        raise UserError(f"--seed must be from 0 to {2**32 - 1}, got {cfg.seed}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
     if isinstance(cfg.target_modules, str):  # TARGET_MODULES = "c_attn c_proj" edited in: a list of names

@@ -62,6 +62,7 @@ CASES = {
     "value that does not parse": (lambda tmp: ["--lora_r", "eight"], ["--lora_r", "'eight'", "whole number"]),
     "unknown flag": (lambda tmp: ["--lora_rank", "8"], ["unrecognized arguments: --lora_rank"]),
     "negative sample count": (lambda tmp: ["--max_train_samples", "-5"], ["--max_train_samples", "-5"]),
+    "a seed numpy does not take": (lambda tmp: ["--seed", "-1"], ["--seed must be from 0 to 4294967295, got -1"]),
     "missing model folder": (lambda tmp: ["--model_name", tmp / "no-model"], ["--model_name", "no such folder"]),
     "an adapter for the model": (lambda tmp: ["--model_name", adapter_folder(tmp / "adapter", base="gpt2")],
                                  ["is a LoRA adapter, not a model", "--model_name gpt2", "--merge"]),
