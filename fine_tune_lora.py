@@ -277,6 +277,8 @@ def nothing_saved(folder, what):
     """Why `folder` has no `what` to use, and what to do about it."""
     if any((folder / "checkpoints").glob("checkpoint-*")):
         return f"{folder} holds only the checkpoints of an unfinished run; run its training command again to finish it"
+    if (folder / "config.json").exists():  # fully fine-tuned, or merged
+        return f"{folder} holds a whole model, not a LoRA {what}; --predict --output_dir {folder} classifies with it"
     return (f"{folder} {f'holds no {what}' if folder.exists() else 'does not exist'}; train one first (python "
             f"{Path(__file__).name}) or point --output_dir at the folder you trained into")
 

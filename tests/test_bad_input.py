@@ -148,6 +148,16 @@ def test_predict_without_an_adapter_says_so(tmp_path, capsys):
             assert ("checkpoints of an unfinished run" in errors[0]) == (folder.name == "unfinished"), errors[0]
 
 
+def test_a_whole_model_where_an_adapter_goes_is_called_what_it_is(tiny_model, capsys):
+    """A fully fine-tuned or merged model given to --merge or --adapters: not "no adapter, train one first"."""
+    for action, start in ((["--output_dir", tiny_model, "--merge"], "error: "),
+                          (["--predict", "Great film.", "--adapters", tiny_model, tiny_model], "error: --adapters: ")):
+        status, errors = run_main(capsys, *action)
+        assert status == 1 and errors == [f"{start}{tiny_model} holds a whole model, not a LoRA adapter"
+                                          f"{' to merge' * ('--merge' in action)}; --predict --output_dir "
+                                          f"{tiny_model} classifies with it"], errors
+
+
 def test_an_adapter_whose_base_model_folder_moved_says_so(tmp_path, capsys):
     """adapter_config.json records the base model's folder; if it has moved, say that, for --predict and --merge."""
     adapter = adapter_folder(tmp_path / "adapter", base=str(tmp_path / "my-gpt2"))
