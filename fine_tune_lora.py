@@ -685,8 +685,10 @@ def read_reviews(name):
         raise UserError(
             f"--dataset_name {name}: the folder holds neither the aclImdb layout (train/pos, train/neg, test/pos, "
             f"test/neg) nor train.* and test.* files in one format (parquet, csv or jsonl); add them or point elsewhere")
-    with loading("--dataset_name", name):  # datasets reads train.* and test.* files by their names
-        return datasets.load_dataset(str(path) if path.is_dir() else name)
+    # datasets reads train.* and test.* files by their names. The folder goes as a whole path: as "csv" or
+    # "json" (./csv), datasets would take it for its reader of that name, and find no files.
+    with loading("--dataset_name", name):
+        return datasets.load_dataset(str(path.resolve()) if path.is_dir() else name)
 
 def read_json(path):  # a results.json, run_settings.json...; {} if there is none, or a stop cut it short
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, json.JSONDecodeError):

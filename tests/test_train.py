@@ -147,6 +147,15 @@ def test_each_local_data_layout_trains(tiny_model, tmp_path, layout, capsys):
     assert read_results(tmp_path / "out")["eval_samples"] == 32
 
 
+def test_a_data_folder_named_like_a_file_format_is_read_as_that_folder(tiny_model, tmp_path, capsys, monkeypatch):
+    """datasets has readers named csv, json and parquet: a folder of such a name is read, and only it."""
+    write_split_files(tmp_path / "csv", "csv", n_train=64, n_test=32)
+    write_split_files(tmp_path / "last-year" / "csv", "csv", n_train=100, n_test=50)  # not to be read
+    monkeypatch.chdir(tmp_path)
+    done = run_main(capsys, *base_args(tiny_model, "csv"), "--num_epochs", "1", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0 and "Found 64 train and 32 test reviews in csv" in done.stdout, done.stderr[-2000:]
+
+
 def test_subsets_are_random_not_the_first_rows(tiny_model, tmp_path, capsys):
     """IMDB is sorted by label: the first N rows would all be negative."""
     data = tmp_path / "sorted"
