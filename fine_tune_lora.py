@@ -611,8 +611,9 @@ def loading(flag, name):
         yield
     except Exception as error:  # offline, a typo in the name, a folder without weights...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(f"{flag} {name}: could not load it ({reason}); check the name and your connection, "
-                        f"or pass a local folder (README: Running offline)") from None
+        fix = ("check the files in it" if Path(name).expanduser().exists() else "check the name and your "
+               "connection, or pass a local folder (README: Running offline)")
+        raise UserError(f"{flag} {name}: could not load it ({reason}); {fix}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

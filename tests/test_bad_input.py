@@ -66,6 +66,10 @@ CASES = {
     "missing model folder": (lambda tmp: ["--model_name", tmp / "no-model"], ["--model_name", "no such folder"]),
     "an adapter for the model": (lambda tmp: ["--model_name", adapter_folder(tmp / "adapter", base="gpt2")],
                                  ["is a LoRA adapter, not a model", "--model_name gpt2", "--merge"]),
+    "data files in two formats": (lambda tmp: ["--dataset_name", two_files(tmp / "d", {"text": ["a"], "label": [0]},
+                                                                   {"text": ["b"], "label": [1]}, "csv") and
+                                               (tmp / "d" / "test.csv").rename(tmp / "d" / "test.jsonl").parent],
+                                  ["--dataset_name", "could not load it", "format", "check the files in it"]),
     "a file for the data": (lambda tmp: ["--dataset_name", (tmp / "reviews.csv").write_text("text,label\n") and
                                          tmp / "reviews.csv"], ["that is a file", "give a folder holding train.*"]),
     "a weights file for the model": (lambda tmp: ["--model_name", (tmp / "model.safetensors").write_text("x") and
