@@ -285,7 +285,7 @@ def nothing_saved(folder, what):
 def classify(model, tokenizer, texts, max_length, batch_size=32):
     """The model's two logits (negative, positive) for each text, as a float tensor."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    max_length = min(max_length, model.config.max_position_embeddings)  # longer texts are cut, never fail
+    max_length = min(max_length, positions(model))  # longer texts are cut, never fail
     logits, model = [], model.to(device)
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
@@ -629,13 +629,16 @@ def check_model_settings(cfg, model):
         print(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {limit}")
     # Batches are padded up to a multiple of PAD_TO_MULTIPLE_OF: never past the last position the model has.
     padded = math.ceil(limit / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
-    if padded > model.config.max_position_embeddings:
+    if padded > positions(model):
         raise UserError(f"--pad_to_multiple_of {cfg.pad_to_multiple_of} pads a review of {limit} tokens to {padded}, "
                         f"more than this model can read; use {limit} or a smaller number")
     return limit
 
 def max_tokens(cfg, model):  # MAX_LENGTH, or the most tokens the model can read if that is fewer
-    return min(cfg.max_length, model.config.max_position_embeddings)
+    return min(cfg.max_length, positions(model))
+
+def positions(model):  # the most tokens the model can read; no limit given: relative positions, as T5's
+    return getattr(model.config, "max_position_embeddings", math.inf)
 
 def is_conv1d(model, names):  # GPT-2's layers; most other models use nn.Linear
     return any(isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in names)
@@ -776,6 +779,10 @@ class FastTrainer(Trainer):
 
     def _get_eval_sampler(self, eval_dataset):  # any order gives the same metrics
         return sorted(range(len(eval_dataset)), key=token_counts(eval_dataset).__getitem__)
+
+    def prediction_step(self, *args, **kwargs):  # the logits only: an encoder-decoder (T5) adds its encoder's states
+        loss, logits, labels = super().prediction_step(*args, **kwargs)
+        return loss, logits[0] if isinstance(logits, tuple) else logits, labels
 
     def evaluate(self, *args, **kwargs):
         # Compiled blocks would compile again without gradients. And the evaluation leaves the random generator
