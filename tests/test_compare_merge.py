@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import base_args, check_model_card, read_results, run_main, run_script
+from conftest import base_args, check_model_card, read_results, run_main
 
 LABELLED = """
 import json, sys
@@ -36,8 +36,8 @@ def predictions_table(stdout):
 
 def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp_path, capsys):
     out = tmp_path / "full"
-    done = run_script(*base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e-3",
-                      "--full_output_dir", out, "--output_dir", tmp_path / "unused")
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e-3",
+                    "--full_output_dir", out, "--output_dir", tmp_path / "unused")
     assert done.returncode == 0, done.stderr[-2000:]
     results = read_results(out)
     assert results["method"] == "full" and results["trainable_percent"] == 100
@@ -60,10 +60,10 @@ def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp
         assert float(shown) == pytest.approx(max(p), abs=6e-4)
 
 
-def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, tmp_path):
-    done = run_script(*base_args(tiny_model, reviews), "--num_epochs", "1", "--full_learning_rate", "1e-3",
-                      "--output_dir", tmp_path / "lora", "--full_output_dir", tmp_path / "full", "--compare",
-                      cwd=tmp_path)
+def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # comparison.md, .json and .png are written where the command is run
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--full_learning_rate", "1e-3",
+                    "--output_dir", tmp_path / "lora", "--full_output_dir", tmp_path / "full", "--compare")
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "comparison.md").read_text()
     results = json.loads((tmp_path / "comparison.json").read_text())
@@ -85,8 +85,8 @@ def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, 
 def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path, capsys, monkeypatch):
     first, _ = trained
     second = tmp_path / "home" / first.name  # the same name, in another folder
-    done = run_script(*base_args(tiny_model, reviews), "--lora_r", "4", "--lora_alpha", "8", "--target_modules",
-                      "c_attn", "c_proj", "--seed", "7", "--output_dir", second)
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--lora_r", "4", "--lora_alpha", "8", "--target_modules",
+                    "c_attn", "c_proj", "--seed", "7", "--output_dir", second)
     assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.setenv("HOME", str(second.parent))  # "~/..." quoted, as the shell leaves it
     both = run_main(capsys, "--predict", *TEXTS, "--adapters", first, f"~/{first.name}")
@@ -129,7 +129,8 @@ def test_merge_saves_a_plain_model_matching_the_adapter(trained, tmp_path, capsy
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_compare_trains_each_variant_in_its_folder_and_goes_on_after_an_interruption(tiny_model, reviews, tmp_path):
+def test_compare_trains_each_variant_in_its_folder_and_goes_on_after_an_interruption(tiny_model, reviews, tmp_path,
+                                                                                     capsys, monkeypatch):
     """Three variants of the settings; the comparison is stopped once the first has finished, and the same
     command then skips it and trains the others. Each variant's settings really were applied."""
     import os
@@ -152,7 +153,8 @@ def test_compare_trains_each_variant_in_its_folder_and_goes_on_after_an_interrup
     assert process.returncode == 1 and "Stopped the comparison" in (tmp_path / "log").read_text()
     assert not (tmp_path / "comparison.json").exists()
 
-    done = run_script(*args, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    done = run_main(capsys, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "===== --lora_r 4: trained already" in done.stdout
     assert "===== --lora_r 16 --lora_alpha 32: python" in done.stdout

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, base_args, read_results, run_main, run_script
+from conftest import SCRIPT, base_args, read_results, run_main
 
 # Long enough to be interrupted: 6 epochs x 30 steps, a checkpoint every 10 steps.
 LONG = ["--num_epochs", "6", "--save_steps", "10"]
@@ -47,9 +47,9 @@ def run_patched(code, args):
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_path):
+def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_path, capsys):
     args = [*base_args(tiny_model, reviews), *LONG]
-    reference = run_script(*args, "--output_dir", tmp_path / "reference")
+    reference = run_main(capsys, *args, "--output_dir", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     out = tmp_path / "interrupted"
@@ -74,7 +74,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_
     state = checkpoints / "checkpoint-80" / "trainer_state.json"
     state.write_text(state.read_text()[:100])
 
-    resumed = run_script(*args, "--output_dir", out)
+    resumed = run_main(capsys, *args, "--output_dir", out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stdout and "(step 70)" in resumed.stdout
     a, b = read_results(tmp_path / "reference"), read_results(out)
@@ -87,13 +87,13 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_model, reviews, tmp_
     assert evaluated[0] == evaluated[1] == [30, 60, 90, 120, 150, 180], evaluated
 
 
-def test_resuming_with_other_settings_is_refused(tiny_model, reviews, tmp_path):
+def test_resuming_with_other_settings_is_refused(tiny_model, reviews, tmp_path, capsys):
     args = [*base_args(tiny_model, reviews), *LONG, "--output_dir", tmp_path / "out"]
     interrupt_after(args, tmp_path / "out" / "checkpoints" / "checkpoint-10", signal.SIGKILL, tmp_path / "log")
-    changed = run_script(*args, "--lora_r", "4")
+    changed = run_main(capsys, *args, "--lora_r", "4")
     assert changed.returncode == 1
     assert "--lora_r was 8" in changed.stderr and "--resume false" in changed.stderr
-    fresh = run_script(*args, "--lora_r", "4", "--resume", "false", "--num_epochs", "1")
+    fresh = run_main(capsys, *args, "--lora_r", "4", "--resume", "false", "--num_epochs", "1")
     assert fresh.returncode == 0 and "Resuming" not in fresh.stdout
 
 
@@ -132,10 +132,10 @@ def assert_same_adapter(a, b, tolerance=0.0):
     assert worst <= tolerance, worst
 
 
-def test_same_seed_same_result_and_another_seed_differs(trained, tiny_model, reviews, tmp_path):
-    first, _ = trained
-    again = run_script(*base_args(tiny_model, reviews), "--output_dir", tmp_path / "again")
-    other = run_script(*base_args(tiny_model, reviews), "--output_dir", tmp_path / "other", "--seed", "1")
+def test_same_seed_same_result_and_another_seed_differs(trained, tiny_model, reviews, tmp_path, capsys):
+    first, _ = trained  # trained in another process
+    again = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", tmp_path / "again")
+    other = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", tmp_path / "other", "--seed", "1")
     assert again.returncode == 0 and other.returncode == 0
     a, b = read_results(first), read_results(tmp_path / "again")
     for key in ("accuracy", "f1", "precision", "recall", "confusion_matrix", "eval_loss", "train_loss"):
@@ -302,10 +302,10 @@ def test_several_gpus_without_torchrun_train_on_one_and_say_how_to_use_all(tiny_
     assert json.loads((out / "log_history.json").read_text())[-1]["step"] == 60
 
 
-def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp_path):
+def test_a_nan_loss_stops_training_with_a_clear_message(tiny_model, reviews, tmp_path, capsys):
     out = tmp_path / "nan"
-    done = run_script(*base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e8",
-                      "--full_output_dir", out, "--save_steps", "5")
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--full_finetune", "--full_learning_rate", "1e8",
+                    "--full_output_dir", out, "--save_steps", "5")
     assert done.returncode == 1
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("error: The training loss became NaN or infinite by step ")
@@ -371,7 +371,7 @@ sys.exit(ft.main(sys.argv[2:]))
     ("saved", "holds the model trained with these settings; the same command would train it again.", []),
 ])
 def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says, extra, tiny_model, reviews,
-                                                                   tmp_path):
+                                                                   tmp_path, capsys):
     from conftest import ROOT
 
     out = tmp_path / "out"
@@ -392,7 +392,7 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_a_true_promise(phase, says,
     assert (out / "results.json").exists() == (phase == "saved")
     if phase == "saved":  # (that the same command then trains again: test_a_run_that_will_replace_a_model...)
         return
-    rerun = run_script(*args)
+    rerun = run_main(capsys, *args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     # the promise holds: a rerun resumes exactly when the message said it would
     assert ("Resuming from" in rerun.stdout) == ("checkpoint is" in says)
@@ -484,7 +484,8 @@ sys.exit(ft.main(sys.argv[1:]))
 """
 
 
-def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_from(tiny_model, reviews, tmp_path):
+def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_from(tiny_model, reviews, tmp_path,
+                                                                                    capsys):
     out = tmp_path / "out"
     args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
     done = run_patched(DISK_FULL_AT_STEP_4, args)
@@ -492,7 +493,7 @@ def test_a_full_disk_ends_with_one_line_naming_it_and_the_checkpoint_to_resume_f
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: the disk is full; free some space, or give --output_dir a folder on another disk. Stopped; the "
         f"last checkpoint is {out / 'checkpoints' / 'checkpoint-2'}: run the same command again to resume from it")
-    rerun = run_script(*args)
+    rerun = run_main(capsys, *args)
     assert rerun.returncode == 0 and "Resuming from" in rerun.stdout and "(step 2)" in rerun.stdout
 
 @pytest.mark.parametrize("where, error", [
@@ -520,12 +521,12 @@ def test_running_out_of_memory_ends_with_one_line_saying_what_to_change(where, e
 
 
 def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_runs_figures(tiny_model, reviews,
-                                                                                          tmp_path):
+                                                                                          tmp_path, capsys):
     """About 250 LoRA steps with the default checkpoint settings: a checkpoint exists before the run
     ends, and a run interrupted there and resumed reports the uninterrupted run's train_loss."""
     args = ["--model_name", tiny_model, "--dataset_name", reviews, "--max_length", "64", "--learning_rate", "1e-2",
             "--num_epochs", "8"]  # 8 epochs x 30 steps
-    reference = run_script(*args, "--output_dir", tmp_path / "reference")
+    reference = run_main(capsys, *args, "--output_dir", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "out"
     with open(tmp_path / "log", "w") as log:
@@ -536,7 +537,7 @@ def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_ru
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
     assert "the last checkpoint is" in (tmp_path / "log").read_text()
-    resumed = run_script(*args, "--output_dir", out)
+    resumed = run_main(capsys, *args, "--output_dir", out)
     assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr[-2000:]
     whole, again = read_results(tmp_path / "reference"), read_results(out)
     assert again["resumed_from_step"] >= 100

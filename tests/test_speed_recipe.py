@@ -128,14 +128,15 @@ def test_the_trainer_draws_its_batches_from_the_grouped_sampler(tiny_model, revi
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_both_cpu_precisions_learn_and_keep_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path, precision):
+def test_both_cpu_precisions_learn_and_keep_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path, precision,
+                                                                       capsys):
     """"auto" picks one of the two on a CPU, by what the CPU computes in hardware: both must learn.
     Under bf16 the frozen layers are stored in bf16; the adapter and `score` must stay fp32."""
-    from conftest import base_args, read_results, run_script
+    from conftest import base_args, read_results, run_main
     from safetensors.torch import load_file
 
     out = tmp_path / precision
-    done = run_script(*base_args(tiny_model, reviews), "--precision", precision, "--output_dir", out)
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--precision", precision, "--output_dir", out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"precision {precision}" in done.stdout
     weights = load_file(str(out / "adapter_model.safetensors"))
