@@ -94,6 +94,18 @@ CASES = {
     "merging a full fine-tuning": (lambda tmp: ["--full_finetune", "--merge"], ["a --full_finetune model has none",
                                                                               "loads as a plain model"]),
     "fp16 without a GPU": (lambda tmp: ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU", "use auto"]),
+    "an unknown precision": (lambda tmp: ["--precision", "fp8"], ["--precision must be one of auto, bf16, fp16, fp32",
+                                                                  "'fp8'"]),
+    "a dropout of 1": (lambda tmp: ["--lora_dropout", "1"], ["--lora_dropout must be at least 0 and below 1, got 1.0"]),
+    "--adapters without --predict": (lambda tmp: ["--adapters", tmp / "a"], ["--adapters goes with --predict"]),
+    "two actions at once": (lambda tmp: ["--predict", "Great film.", "--merge"],
+                            ["choose one of --predict, --merge and --compare"]),
+    "an output folder that is a file": (lambda tmp: ["--output_dir", (tmp / "notes.txt").write_text("x") and
+                                                     tmp / "notes.txt"], ["notes.txt is a file; give a folder name"]),
+    "adapters of two base models": (lambda tmp: ["--predict", "Great film.", "--adapters",
+                                                 adapter_folder(tmp / "a", base="gpt2"),
+                                                 adapter_folder(tmp / "b", base="gpt2-medium")],
+                                    ["--adapters were trained on different base models (gpt2, gpt2-medium)"]),
 }
 
 
@@ -170,6 +182,29 @@ def test_an_adapter_whose_base_model_folder_moved_says_so(tmp_path, capsys):
         assert status == 1 and len(errors) == 1
         assert f"model in {tmp_path / 'my-gpt2'}, which is not there any more" in errors[0], errors
         assert "base_model_name_or_path" in errors[0] and not (tmp_path / "adapter-merged").exists()
+
+def test_a_dataset_without_a_test_split_is_named(tiny_model, reviews, tmp_path, capsys, monkeypatch):
+    """A Hub dataset may split its reviews otherwise (SST-2: train, validation): say which splits it has."""
+    split = fine_tune_lora.datasets.Dataset.from_dict({"text": ["Great.", "Dull."], "label": [1, 0]})
+    monkeypatch.setattr(fine_tune_lora, "read_reviews",
+                        lambda name: fine_tune_lora.datasets.DatasetDict(train=split, validation=split))
+    status, errors = run_main(capsys, *base_args(tiny_model, reviews), "--output_dir", tmp_path / "out")
+    assert status == 1 and len(errors) == 1
+    assert "has no 'test' split (it has train, validation); provide both train and test" in errors[0], errors
+
+
+def test_a_compare_run_that_fails_stops_the_comparison_and_is_named(tiny_model, reviews, tmp_path, capfd,
+                                                                     monkeypatch):
+    """The run's own error is shown, then which run stopped; nothing after it trains, no table is written."""
+    monkeypatch.chdir(tmp_path)
+    status = fine_tune_lora.main([*base_args(tiny_model, reviews), "--output_dir", str(tmp_path / "out"),
+                                  "--compare", "--target_modules q_proj", ""])
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 1 and len(errors) == 2, errors
+    assert "no layer called q_proj" in errors[0]
+    assert errors[1].startswith("error: the '--target_modules q_proj' run stopped; see its message above")
+    assert not list(tmp_path.glob("comparison.*")) and not list((tmp_path / "out-compare").glob("*/results.json"))
+
 
 def test_a_real_process_exits_non_zero_without_a_traceback(tiny_model, tmp_path):
     done = run_script("--model_name", tiny_model, "--dataset_name", tmp_path / "nowhere", "--output_dir",
