@@ -1,6 +1,9 @@
 """Bad input gets one clear line naming the problem and a non-zero exit, not a traceback."""
+import ast
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -275,6 +278,18 @@ def test_libraries_too_old_are_named_before_anything_loads(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr and not done.stdout
     assert done.stderr.strip() == ('error: this script needs transformers >= 5.17 (found 4.57.6), peft >= 0.21 (found '
                                    '0.17.1); run: pip install -U "transformers>=5.17" "peft>=0.21"')
+
+
+def test_python_too_old_is_named_before_anything_loads():
+    """macOS's own python3 is 3.9: the file must still compile there, so that its first line can say what to do."""
+    source = fine_tune_lora.Path(fine_tune_lora.__file__).read_text("utf-8")
+    ast.parse(source, feature_version=(3, 9))  # no syntax newer than 3.9 (match, nested f-string quotes...)
+    pretend = ("import runpy, sys; sys.version_info = (3, 9, 18, 'final', 0); sys.version = '3.9.18 (main)'; "
+               f"sys.argv = ['fine_tune_lora.py', '--help']; runpy.run_path({fine_tune_lora.__file__!r}, "
+               "run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", pretend], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and not done.stdout
+    assert done.stderr.strip() == "error: this script needs Python 3.10 or newer, as transformers 5 does; this is 3.9.18"
 
 
 def test_the_version_check_and_requirements_txt_agree():
