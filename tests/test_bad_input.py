@@ -209,6 +209,16 @@ def test_a_compare_run_that_fails_stops_the_comparison_and_is_named(tiny_model, 
     assert not list(tmp_path.glob("comparison.*")) and not list((tmp_path / "out-compare").glob("*/results.json"))
 
 
+def test_an_unexpected_error_keeps_its_traceback(tiny_model, reviews, tmp_path, monkeypatch):
+    """Only problems the user can fix become one line: a bug keeps the traceback a report needs, and frees the folder."""
+    def broken(name):
+        raise RuntimeError("a bug in the data loading")
+    monkeypatch.setattr(fine_tune_lora, "read_reviews", broken)
+    with pytest.raises(RuntimeError, match="a bug in the data loading"):
+        fine_tune_lora.main([*base_args(tiny_model, reviews), "--output_dir", str(tmp_path / "out")])
+    assert not list(tmp_path.glob(".out.lock"))  # the next run is not refused as "another run"
+
+
 def test_a_real_process_exits_non_zero_without_a_traceback(tiny_model, tmp_path):
     done = run_script("--model_name", tiny_model, "--dataset_name", tmp_path / "nowhere", "--output_dir",
                       tmp_path / "out")
