@@ -210,7 +210,7 @@ def test_a_compare_run_that_fails_stops_the_comparison_and_is_named(tiny_model, 
 
 
 def test_an_unexpected_error_keeps_its_traceback(tiny_model, reviews, tmp_path, monkeypatch):
-    """Only problems the user can fix become one line: a bug keeps the traceback a report needs, and frees the folder."""
+    """Only problems the user can fix become one line: a bug keeps the traceback a report needs, frees the folder."""
     def broken(name):
         raise RuntimeError("a bug in the data loading")
     monkeypatch.setattr(fine_tune_lora, "read_reviews", broken)
@@ -299,7 +299,8 @@ def test_python_too_old_is_named_before_anything_loads():
                "run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", pretend], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and not done.stdout
-    assert done.stderr.strip() == "error: this script needs Python 3.10 or newer, as transformers 5 does; this is 3.9.18"
+    assert done.stderr.strip() == ("error: this script needs Python 3.10 or newer, as transformers 5 does; "
+                                   "this is 3.9.18")
 
 
 def test_the_version_check_and_requirements_txt_agree():
