@@ -186,6 +186,7 @@ def test_an_adapter_whose_base_model_folder_moved_says_so(tmp_path, capsys):
         assert f"model in {tmp_path / 'my-gpt2'}, which is not there any more" in errors[0], errors
         assert "base_model_name_or_path" in errors[0] and not (tmp_path / "adapter-merged").exists()
 
+
 def test_a_dataset_without_a_test_split_is_named(tiny_model, reviews, tmp_path, capsys, monkeypatch):
     """A Hub dataset may split its reviews otherwise (SST-2: train, validation): say which splits it has."""
     split = fine_tune_lora.datasets.Dataset.from_dict({"text": ["Great.", "Dull."], "label": [1, 0]})
