@@ -20,7 +20,9 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -79,6 +81,9 @@ def parse_args():
     parser.add_argument("--recipes", nargs="+", default=["naive", "script"], choices=list(RECIPES))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each recipe may take")
+    parser.add_argument("--budget", type=float, help="seconds all recipes together may take: the last ones get less")
+    parser.add_argument("--profile_steps", type=int, default=5 if gpu else 0,
+                        help="profile this many steps at the end of each recipe's first epoch (0: none)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one recipe, print its row as JSON
     parser.add_argument("--model_folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,15 +153,19 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
     return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
 
 
-def report_progress():
+def report_progress(profile_steps, profile):
     """Make the Trainer print each finished step and the seconds since it was created: a recipe that
     runs out of time can then still say how far it got, and when its first step ended (torch.compile
-    compiles during the first step)."""
+    compiles during the first step). With profile_steps, the last steps of the first epoch are profiled
+    into the dict profile: by then the compiled recipes have met most batch lengths, and the timed epoch,
+    the last, is not slowed by the profiler."""
 
     class ReportingTrainer(ft.FastTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.created = time.perf_counter()
+            if profile_steps:
+                self.add_callback(ProfileSteps(profile_steps, profile))
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -167,12 +176,77 @@ def report_progress():
     ft.FastTrainer = ReportingTrainer
 
 
+class ProfileSteps(ft.TrainerCallback):
+    def __init__(self, steps, profile):
+        self.steps, self.profile, self.profiler = steps, profile, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        per_epoch = state.max_steps // math.ceil(args.num_train_epochs)
+        if state.global_step == max(0, per_epoch - self.steps) and self.profiler is None:
+            gpu = torch.cuda.is_available()
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+            try:
+                self.profiler = torch.profiler.profile(activities=activities)
+                sync()
+                self.profiler.__enter__()
+                self.first, self.started = state.global_step, time.perf_counter()
+            except Exception as error:  # a failed profile must not cost the recipe's timing
+                self.profile["failed"], self.profiler = repr(error), False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler and state.global_step - self.first == self.steps:
+            try:
+                sync()
+                seconds = time.perf_counter() - self.started
+                self.profiler.__exit__(None, None, None)
+                self.profile.update(summarize_profile(self.profiler, self.steps, seconds))
+            except Exception as error:
+                self.profile["failed"] = repr(error)
+            self.profiler = False
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def summarize_profile(profiler, steps, seconds, top=8):
+    """Per step: wall time; on a GPU, the time it was busy (kernels and copies, overlaps counted once)
+    and the kernels that took most of it; on a CPU, the operators that took most of its time."""
+    import torch
+
+    summary = dict(steps=steps, step_ms=1000 * seconds / steps)
+    device_events = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if device_events:
+        busy, end = 0.0, -math.inf
+        for start, stop in sorted((e.time_range.start, e.time_range.end) for e in device_events):
+            busy += max(0.0, stop - max(start, end))
+            end = max(end, stop)
+        by_name = {}
+        for e in device_events:
+            by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+        summary.update(gpu_busy_ms=busy / 1000 / steps, gpu_idle_share=max(0.0, 1 - busy / 1e6 / seconds),
+                       kernels_per_step=len(device_events) / steps)
+        ranked = sorted(by_name.items(), key=lambda item: -item[1])
+    else:
+        ranked = sorted(((e.key, e.self_cpu_time_total) for e in profiler.key_averages()), key=lambda item: -item[1])
+    summary["top"] = [dict(name=name[:120], ms_per_step=us / 1000 / steps) for name, us in ranked[:top]]
+    return summary
+
+
 def progress(output):
-    """(steps done, steps in all, seconds to the end of the first step) from a recipe's output."""
+    """(steps done, steps in all, seconds to the end of the first step, steps per second over the last
+    up to 50 steps) from a recipe's output."""
     steps = [line.split()[1:] for line in output.splitlines() if line.startswith("STEP ")]
     if not steps:
         return None
-    return int(steps[-1][0]), int(steps[-1][1]), float(steps[0][2])
+    last = steps[-min(51, len(steps)):]
+    rate = (len(last) - 1) / (float(last[-1][2]) - float(last[0][2])) if len(last) > 1 else float("nan")
+    return int(steps[-1][0]), int(steps[-1][1]), float(steps[0][2]), rate
 
 
 def run_recipe(name, model, args):
@@ -191,7 +265,8 @@ def run_recipe(name, model, args):
     cfg.__dict__.update(settings)
     for function, replacement in replacements.items():
         setattr(ft, function, replacement)
-    report_progress()
+    profile = {}
+    report_progress(args.profile_steps, profile)
     tokenizer = AutoTokenizer.from_pretrained(model)
 
     def token_counts(reviews):
@@ -211,7 +286,7 @@ def run_recipe(name, model, args):
         eval_samples_per_second=results["eval_samples_per_second"],
         padding_efficiency_train=pad_train, padding_efficiency_eval=pad_eval,
         peak_gpu_memory_gb=results["peak_gpu_memory_gb"] if torch.cuda.is_available() else None,
-        peak_process_memory_gb=memory.peak or None)
+        peak_process_memory_gb=memory.peak or None, profile=profile or None)
 
 
 def main():
@@ -227,25 +302,30 @@ def main():
     workdir = tempfile.mkdtemp(prefix="speed-")
     model, model_note = model_folder(args, gpu, workdir)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})"
-    rows = []
+    rows, started = [], time.monotonic()
     for name in args.recipes:
+        timeout = args.timeout if args.budget is None else min(args.timeout, args.budget - (time.monotonic() - started))
+        if timeout < 10:
+            rows.append(dict(recipe=name, failed="not run: the time budget was spent"))
+            continue
         # Each recipe runs in a fresh process: its peak memory is its own, and a crash or a hang in
         # one (torch.compile is young) cannot hide the others' numbers.
         print(f"\n===== {name} =====", flush=True)
         command = [sys.executable, __file__, *sys.argv[1:], "--child", name, "--model_folder", model]
+        # In a session of its own, so that a recipe out of time is stopped with its compiler's and data
+        # loader's processes, which would otherwise go on taking the CPU from the next recipe.
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-            output, failed = done.stdout, f"exit status {done.returncode}"
-        except subprocess.TimeoutExpired as timeout:
-            output, failed = timeout.stdout or "", f"not done after {args.timeout:.0f} s"
-            if isinstance(output, bytes):
-                output = output.decode(errors="replace")
+            output, failed = child.communicate(timeout=timeout)[0], f"exit status {child.wait()}"
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            output, failed = child.communicate()[0], f"not done after {timeout:.0f} s"
         print("".join(line for line in output.splitlines(True) if not line.startswith("STEP ")), end="", flush=True)
         row = next((json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")), None)
         steps = progress(output)
         if row is None:
-            row = dict(recipe=name, failed=failed + (" ({} of {} steps; the first took {:.0f} s)".format(*steps)
-                                                     if steps else ""))
+            row = dict(recipe=name, failed=failed + (" ({} of {} steps; the first took {:.0f} s; the last ones "
+                                                     "{:.1f} steps/s)".format(*steps) if steps else ""))
         elif steps:
             row["first_step_seconds"] = steps[2]
         rows.append(row)
@@ -256,9 +336,28 @@ def main():
     head = (f"{datetime.date.today()}, {device}, torch {torch.__version__}, transformers {transformers.__version__}\n"
             f"model: {model_note}; {args.train_samples:,} train / {args.eval_samples:,} eval reviews from "
             f"{args.dataset}, {args.epochs} epochs, batch {ft.BATCH_SIZE}, max length {args.max_length}")
-    print("\n" + head + "\n\n" + table)
+    print("\n" + head + "\n\n" + table + profiles(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header=head, rows=rows), indent=2))
+
+
+def profiles(rows):
+    """What each recipe's profiled steps spent their time on."""
+    text = ""
+    for row in rows:
+        profile = row.get("profile")
+        if not profile:
+            continue
+        text += f"\n\n{row['recipe']}: "
+        if "failed" in profile:
+            text += f"profile failed: {profile['failed']}"
+            continue
+        text += f"{profile['step_ms']:.1f} ms per step ({profile['steps']} steps at the end of the first epoch)"
+        if "gpu_busy_ms" in profile:
+            text += (f", the GPU busy {profile['gpu_busy_ms']:.1f} ms of it (idle {profile['gpu_idle_share']:.0%}), "
+                     f"{profile['kernels_per_step']:.0f} kernels and copies per step")
+        text += "; most time per step:\n" + "\n".join(f"  {t['ms_per_step']:7.2f} ms  {t['name']}" for t in profile["top"])
+    return text
 
 
 def make_table(rows, gpu):

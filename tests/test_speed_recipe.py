@@ -331,7 +331,7 @@ def test_the_benchmark_prints_its_table_and_the_script_pads_far_less(tiny_model,
     report = tmp_path / "speed.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
                            "--dataset", str(reviews), "--train_samples", "240", "--eval_samples", "64",
-                           "--max_length", "96", "--json", str(report)],
+                           "--max_length", "96", "--profile_steps", "2", "--json", str(report)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {row["recipe"]: row for row in json.loads(report.read_text())["rows"]}
@@ -345,6 +345,26 @@ def test_the_benchmark_prints_its_table_and_the_script_pads_far_less(tiny_model,
     assert all(row["train_samples_per_second"] > 0 and row["eval_samples_per_second"] > 0 for row in rows.values())
     table = done.stdout[done.stdout.index("| recipe |"):]
     assert "| naive (fp32) |" in table and f"| script ({auto}) |" in table and "x) |" in table
+    # each recipe's profile: the time of its profiled steps and what took most of it
+    for row in rows.values():
+        assert row["profile"]["steps"] == 2 and row["profile"]["step_ms"] > 0, row["profile"]
+        assert row["profile"]["top"] and all(t["ms_per_step"] > 0 for t in row["profile"]["top"])
+        assert f"{row['recipe']}: {row['profile']['step_ms']:.1f} ms per step (2 steps" in table
+
+
+def test_the_benchmark_runs_no_recipe_once_its_time_budget_is_spent(tiny_model, reviews, tmp_path):
+    """--budget bounds the whole benchmark: a recipe that would start with under 10 s left is not run,
+    and the table says so instead of the run going past the time it was given."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
+                           "--dataset", str(reviews), "--budget", "5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| naive | failed: not run: the time budget was spent |" in done.stdout
+    assert "| script | failed: not run: the time budget was spent |" in done.stdout
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32"), (None, "fp32")])
