@@ -122,7 +122,7 @@ PRECISION: str = "auto"  # "auto": bf16 where the GPU or CPU has it in hardware,
 PAD_TO_MULTIPLE_OF: int = 8  # pad each batch to its longest review, rounded up to this; = MAX_LENGTH pads all to the max
 GROUP_BY_LENGTH: bool = True  # put reviews of similar length in the same batch, so little of each batch is padding
 EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so room for more), BATCH_SIZE on a CPU
-TORCH_COMPILE: bool = False  # True: torch.compile each transformer block (CUDA graphs on a GPU); experimental
+TORCH_COMPILE: bool = False  # True: compile each transformer block, CUDA graphs on a GPU (pad to 64 there: fewer graphs)
 # reliability
 RESUME: bool = True  # an interrupted run continues from its last checkpoint when started again with the same settings
 SAVE_STEPS: int = 100  # checkpoint every this many steps (LoRA's are ~4 MB; full fine-tuning's ~1.5 GB, so 10x fewer)
