@@ -320,6 +320,11 @@ def main():
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             output, failed = child.communicate()[0], f"not done after {timeout:.0f} s"
+        except KeyboardInterrupt:  # Ctrl-C reaches this process alone: the recipe's must be stopped too
+            os.killpg(child.pid, signal.SIGKILL)
+            print(f"Stopped during the recipe {name!r}" + (f"; the recipes done before it are in {args.json}"
+                                                           if args.json and rows else ""), file=sys.stderr)
+            sys.exit(130)
         print("".join(line for line in output.splitlines(True) if not line.startswith("STEP ")), end="", flush=True)
         row = next((json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")), None)
         steps = progress(output)

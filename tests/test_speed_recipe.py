@@ -1,6 +1,7 @@
 """The speed-ups change how the work is done, never what is learned: checked here."""
 import random
 import types
+from pathlib import Path
 
 import pytest
 
@@ -350,6 +351,43 @@ def test_the_benchmark_prints_its_table_and_the_script_pads_far_less(tiny_model,
         assert row["profile"]["steps"] == 2 and row["profile"]["step_ms"] > 0, row["profile"]
         assert row["profile"]["top"] and all(t["ms_per_step"] > 0 for t in row["profile"]["top"])
         assert f"{row['recipe']}: {row['profile']['step_ms']:.1f} ms per step (2 steps" in table
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the processes in /proc (Linux)")
+def test_ctrl_c_stops_the_benchmark_with_the_recipe_it_runs(tiny_model, reviews, tmp_path):
+    """Each recipe runs in a session of its own, out of reach of the terminal's Ctrl-C: the benchmark
+    stops it itself, in one line, rather than leaving it training on in the background."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    marker = str(tmp_path / "speed.json")  # in the command line of the benchmark and of each recipe's process
+
+    def processes():
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if marker in cmdline.read_bytes().decode(errors="replace"):
+                    found.append(int(cmdline.parent.name))
+            except OSError:  # ended meanwhile
+                pass
+        return found
+
+    benchmark = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
+                                  "--dataset", str(reviews), "--json", marker],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(processes()) < 2 and time.monotonic() < deadline:  # the benchmark and its first recipe
+        time.sleep(0.1)
+    assert len(processes()) >= 2, "the first recipe did not start"
+    benchmark.send_signal(signal.SIGINT)  # what Ctrl-C sends to the terminal's process group, the benchmark alone
+    stderr = benchmark.communicate(timeout=60)[1]
+    assert benchmark.returncode == 130 and stderr.strip().endswith("Stopped during the recipe 'naive'"), stderr[-2000:]
+    time.sleep(0.5)
+    assert processes() == []
 
 
 def test_the_benchmark_runs_no_recipe_once_its_time_budget_is_spent(tiny_model, reviews, tmp_path):
