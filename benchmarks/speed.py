@@ -177,6 +177,9 @@ def report_progress(profile_steps, profile):
 
 
 class ProfileSteps(ft.TrainerCallback):
+    """torch.profiler over the last steps of the first epoch, waiting for the GPU at both ends so that
+    the window holds exactly their work; its summary goes into the dict profile."""
+
     def __init__(self, steps, profile):
         self.steps, self.profile, self.profiler = steps, profile, None
 
