@@ -29,6 +29,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+
+def stopped(*_):
+    print("Stopped", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback (main() takes over after)
+    signal.signal(signal.SIGINT, stopped)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fine_tune_lora as ft  # noqa: E402
 
@@ -395,4 +403,8 @@ def make_table(rows, gpu):
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:  # outside a recipe (main() stops one itself)
+        stopped()

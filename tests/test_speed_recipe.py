@@ -390,6 +390,23 @@ def test_ctrl_c_stops_the_benchmark_with_the_recipe_it_runs(tiny_model, reviews,
     assert processes() == []
 
 
+def test_ctrl_c_while_the_benchmark_loads_its_libraries_is_one_line(tiny_model, reviews):
+    """Before any recipe runs, Ctrl-C ends the benchmark with one line and no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    benchmark = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
+                                  "--dataset", str(reviews)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)  # torch alone takes longer to import
+    benchmark.send_signal(signal.SIGINT)
+    stderr = benchmark.communicate(timeout=60)[1]
+    assert benchmark.returncode == 130 and stderr.strip() == "Stopped", stderr[-2000:]
+
+
 def test_the_benchmark_runs_no_recipe_once_its_time_budget_is_spent(tiny_model, reviews, tmp_path):
     """--budget bounds the whole benchmark: a recipe that would start with under 10 s left is not run,
     and the table says so instead of the run going past the time it was given."""
