@@ -372,7 +372,8 @@ def profiles(rows):
         if "gpu_busy_ms" in profile:
             text += (f", the GPU busy {profile['gpu_busy_ms']:.1f} ms of it (idle {profile['gpu_idle_share']:.0%}), "
                      f"{profile['kernels_per_step']:.0f} kernels and copies per step")
-        text += "; most time per step:\n" + "\n".join(f"  {t['ms_per_step']:7.2f} ms  {t['name']}" for t in profile["top"])
+        text += "; most time per step:\n"
+        text += "\n".join(f"  {t['ms_per_step']:7.2f} ms  {t['name']}" for t in profile["top"])
     return text
 
 
