@@ -449,3 +449,30 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_done_with_a_warning(monkeypatch, 
         cfg, _ = fine_tune_lora.parse_args(["--precision", "bf16"])
         assert fine_tune_lora.pick_device_and_precision(cfg) == ("cpu", "CPU", "bf16")
         assert ("this CPU has no bf16 arithmetic" in capsys.readouterr().out) == warned
+
+
+def test_the_fp16_check_trains_counts_skipped_steps_reloads_and_compares(tiny_model, reviews, tmp_path):
+    """benchmarks/fp16.py, the prepared GPU check of the fp16 path and of LoRA against full fine-tuning, tried
+    here as its device command would run (fp32 stands in for fp16 on a CPU): one row per precision, with the
+    steps the gradient scaler skipped, the saved adapter reloaded and classifying as the run evaluated, and the
+    --compare table after."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    report = tmp_path / "fp16.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp16.py"), "--model", str(tiny_model),
+                           "--dataset", str(reviews), "--train_samples", "48", "--eval_samples", "32",
+                           "--max_length", "64", "--json", str(report)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(report.read_text())
+    (row,) = result["rows"]
+    assert row["precision"] == "fp32" and row["steps"] == 6 and row["skipped_steps"] == [] and row["scales"] == []
+    # the adapter as saved, loaded as --predict loads it, classifies the test reviews as the run's evaluation did
+    assert row["reloaded_accuracy"] == pytest.approx(row["accuracy"])
+    assert "| fp32 | 6 | 0 | none (no scaler) |" in done.stdout
+    assert "| trainable parameters |" in result["comparison"] and "| LoRA | full fine-tuning |" in result["comparison"]
+    assert not list(tmp_path.glob("comparison.*"))  # --compare wrote its table in a folder of its own
