@@ -123,6 +123,7 @@ PAD_TO_MULTIPLE_OF: int = 8  # pad each batch to its longest review, rounded up 
 GROUP_BY_LENGTH: bool = True  # put reviews of similar length in the same batch, so little of each batch is padding
 EVAL_BATCH_SIZE: int | None = None  # None: 64 on a GPU (no backward pass, so room for more), BATCH_SIZE on a CPU
 TORCH_COMPILE: bool = False  # True: compile each transformer block, CUDA graphs on a GPU (pad to 64 there: fewer graphs)
+CUDA_GRAPHS: bool = False  # True: on a CUDA GPU, each LoRA training step of GPT-2 replayed as recorded CUDA graphs
 # reliability
 RESUME: bool = True  # an interrupted run continues from its last checkpoint when started again with the same settings
 SAVE_STEPS: int = 100  # checkpoint every this many steps (LoRA's are ~4 MB; full fine-tuning's ~1.5 GB, so 10x fewer)
@@ -709,7 +710,8 @@ def speed_up(model, tokenizer, cfg, run):
         for name, child in module.named_children():
             if isinstance(child, NewGELUActivation):
                 setattr(module, name, GELUTanh())
-    if model.config.model_type == "gpt2" and tokenizer.padding_side == "right":
+    no_mask = model.config.model_type == "gpt2" and tokenizer.padding_side == "right"
+    if no_mask:
         # GPT-2 attends only to earlier tokens and pads after the text: no real token sees a pad, so the
         # mask changes nothing (tested). Under a name of our own, transformers does not prepare one.
         AttentionInterface.register("sdpa_without_mask", sdpa_attention_forward)
@@ -722,6 +724,72 @@ def speed_up(model, tokenizer, cfg, run):
                 module.to(torch.bfloat16 if run.precision == "bf16" else torch.float16)
     if cfg.torch_compile:
         compile_for_speed(model, run.device)
+    if cfg.cuda_graphs and (why_not := why_no_step_graphs(cfg, run, no_mask)):
+        print(f"CUDA_GRAPHS: not used, {why_not}; the steps run as usual")
+    elif cfg.cuda_graphs:  # FastTrainer finds them on the model
+        model.step_graphs = StepGraphs(model, cfg.batch_size, tokenizer.pad_token_id, run.precision)
+
+def why_no_step_graphs(cfg, run, no_mask):
+    """Why the training steps cannot be replayed as CUDA graphs here, or None."""
+    reasons = [(run.device != "cuda", "as there is no CUDA GPU here"),
+               (not no_mask, "as they are for GPT-2 only (other models read the attention mask, which can make "
+                             "the GPU wait)"),
+               (cfg.full_finetune, "as they are for LoRA only"),
+               (cfg.torch_compile, "as TORCH_COMPILE records CUDA graphs of its own; choose one"),
+               (run.world > 1, "as they run in one process only, not under torchrun"),
+               # the recorded backward pass hands back its gradients in the same memory at every replay
+               (cfg.gradient_accumulation_steps > 1, "as they cannot accumulate gradients over several batches")]
+    return next((reason for applies, reason in reasons if applies), None)
+
+class StepGraphs:
+    """A training batch's forward and backward passes as CUDA graphs (torch.cuda.make_graphed_callables):
+    recorded the first time a batch of that shape comes, then replayed, so that the GPU gets a step's ~700
+    kernels in two launches instead of waiting for Python to launch each. The batches are padded after the
+    text to a multiple of 64 for it, at most 8 shapes up to 512 tokens: GPT-2 reads neither the pads nor the
+    mask (see speed_up), so each review's loss is the same. A shorter batch (an epoch's last) and the
+    evaluation run as usual. Dropout draws anew at each replay (CUDA graphs advance the random generator).
+    All graphs share one memory pool: a step's two graphs replay back to back, so none overwrites memory
+    that another still needs."""
+
+    multiple = 64
+
+    def __init__(self, model, batch_size, pad_token_id, precision):
+        self.model, self.batch_size, self.pad, self.limit = model.get_base_model(), batch_size, pad_token_id, \
+            positions(model)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.graphs, self.pool = {}, None
+
+    def length(self, tokens):  # the recorded length a batch of this many tokens is padded to
+        return min(math.ceil(tokens / self.multiple) * self.multiple, self.limit)
+
+    def loss(self, inputs):
+        """The batch's loss from the graphs of its shape, recorded now if it is the first; None for a batch
+        that runs as usual."""
+        if len(inputs["input_ids"]) != self.batch_size or set(inputs) != {"input_ids", "attention_mask", "labels"}:
+            return None
+        tokens = inputs["input_ids"].shape[1]
+        length = self.length(tokens)
+        batch = (torch.nn.functional.pad(inputs["input_ids"], (0, length - tokens), value=self.pad),
+                 torch.nn.functional.pad(inputs["attention_mask"], (0, length - tokens)), inputs["labels"])
+        if length not in self.graphs:
+            self.graphs[length] = self.record(BatchLoss(self.model, self.dtype), batch)
+        return self.graphs[length](*batch)
+
+    def record(self, module, batch):
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        return torch.cuda.make_graphed_callables(module, batch, pool=self.pool)
+
+class BatchLoss(torch.nn.Module):
+    """A batch's training loss as the model computes it under the Trainer: what StepGraphs records."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, input_ids, attention_mask, labels):
+        # Autocast's cache of cast weights cannot be recorded (the frozen ones are stored in 16 bits already).
+        with torch.autocast(input_ids.device.type, self.dtype, enabled=self.dtype is not None, cache_enabled=False):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 def compile_for_speed(model, device, cuda_graphs=True):
     """Compile the transformer block (all share the code) and, on a GPU, replay it as CUDA graphs."""
@@ -779,6 +847,12 @@ class FastTrainer(Trainer):
 
     def _get_eval_sampler(self, eval_dataset):  # any order gives the same metrics
         return sorted(range(len(eval_dataset)), key=token_counts(eval_dataset).__getitem__)
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        step_graphs = getattr(self.model, "step_graphs", None)  # CUDA_GRAPHS, see speed_up
+        if step_graphs and model.training and not return_outputs and (loss := step_graphs.loss(inputs)) is not None:
+            return loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
     def prediction_step(self, *args, **kwargs):  # the logits only: an encoder-decoder (T5) adds its encoder's states
         loss, logits, labels = super().prediction_step(*args, **kwargs)
@@ -1043,6 +1117,7 @@ def describe_run(cfg, run, trainer):
         n = trainer.model.num_parameters()
         print(f"trainable params: {n:,} || all params: {n:,} || trainable%: 100.0000")
     compiled = (", torch.compile" + " with CUDA graphs" * (run.device == "cuda")) * cfg.torch_compile
+    compiled += ", each training step replayed as CUDA graphs" * bool(getattr(trainer.model, "step_graphs", None))
     gpus, processes = trainer.gpus_found, f", {run.world} processes" * (run.world > 1)
     one_gpu = f", 1 of {gpus} GPUs (torchrun --nproc_per_node {gpus} {Path(__file__).name} trains on all)" * (gpus > 1)
     print(f"Device: {run.device} ({run.device_name}), precision {run.precision}{compiled}{processes}{one_gpu}")

@@ -18,10 +18,7 @@ train, fp32 stands in for it and a GPT-2 of 2 layers (speed.py's), so that the c
 import argparse
 import datetime
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -108,20 +105,6 @@ def run_precision(args):
         train_samples_per_second=results["train_samples_per_second"], peak_gpu_memory_gb=results["peak_gpu_memory_gb"])
 
 
-def child_process(command, timeout, cwd=None):
-    """Run a command in a session of its own (stopped with its workers on a timeout or Ctrl-C); its output."""
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True, cwd=cwd)
-    try:
-        return child.communicate(timeout=timeout)[0], child.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        return child.communicate()[0] + f"\n(not done after {timeout:.0f} s)", None
-    except KeyboardInterrupt:
-        os.killpg(child.pid, signal.SIGKILL)
-        raise
-
-
 def loss_table(rows):
     """The logged training loss of each precision, side by side, and the largest gap to the first."""
     done = [row for row in rows if "losses" in row]
@@ -179,7 +162,7 @@ def main():
         rows = []
         for precision in args.precisions:
             print(f"\n===== {precision} =====", flush=True)
-            output, status = child_process([sys.executable, __file__, *sys.argv[1:], "--child", precision,
+            output, status = speed.child_process([sys.executable, __file__, *sys.argv[1:], "--child", precision,
                                             "--model_folder", model, "--out", str(workdir / precision)], args.timeout)
             print(output, end="", flush=True)
             row = next((json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")), None)
@@ -188,7 +171,7 @@ def main():
         if args.compare:
             print("\n===== LoRA against full fine-tuning =====", flush=True)
             command = [sys.executable, str(Path(ft.__file__)), *settings(args, model, str(workdir / "lora")), "--compare"]
-            output, status = child_process(command, args.compare, cwd=workdir)  # where it writes its table
+            output, status = speed.child_process(command, args.compare, cwd=workdir)  # where it writes its table
             print(output, end="", flush=True)
             done = workdir / "comparison.md"
             comparison = done.read_text().strip() if status == 0 else f"failed (exit status {status})"

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +41,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no trac
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fine_tune_lora as ft  # noqa: E402
 
-NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False)  # + padding to MAX_LENGTH, eval batch 8
+NAIVE = dict(precision="fp32", group_by_length=False, torch_compile=False, cuda_graphs=False)  # + padding to MAX_LENGTH, eval batch 8
 
 
 def no_speed_ups(model, tokenizer, cfg, run):
@@ -68,6 +69,8 @@ RECIPES = {
     "script, compiled": (dict(torch_compile=True), {}),
     "script, compiled without CUDA graphs": (
         dict(torch_compile=True), dict(compile_for_speed=functools.partial(ft.compile_for_speed, cuda_graphs=False))),
+    # each training step recorded once per padded length (64, 128...) and replayed (CUDA_GRAPHS)
+    "script, CUDA graphs": (dict(cuda_graphs=True), {}),
     # fewer distinct lengths, so fewer CUDA graphs to record, at the price of more padding
     "script, compiled, padded to x64": (dict(torch_compile=True, pad_to_multiple_of=64), {}),
     "script, whole model compiled": (dict(torch_compile=True), dict(compile_for_speed=compile_whole_model)),
@@ -147,8 +150,12 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
     """Real tokens / processed tokens, for the batches this recipe makes in its first epoch."""
     import torch
 
-    def padded(batch):
-        return len(batch) * math.ceil(max(batch) / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
+    def padded(batch, multiple=cfg.pad_to_multiple_of):
+        return len(batch) * math.ceil(max(batch) / multiple) * multiple
+
+    def padded_for_training(batch):  # CUDA_GRAPHS pads full training batches to a multiple of 64 on a GPU
+        graphed = cfg.cuda_graphs and torch.cuda.is_available() and len(batch) == cfg.batch_size
+        return padded(batch, ft.StepGraphs.multiple if graphed else cfg.pad_to_multiple_of)
 
     if cfg.group_by_length:
         order = list(ft.length_grouped_sampler(lengths_train, cfg.batch_size, cfg.seed))
@@ -158,7 +165,7 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
     size = cfg.eval_batch_size or (64 if torch.cuda.is_available() else cfg.batch_size)  # as the script does
     lengths_eval = sorted(lengths_eval)  # as the script orders the test set
     evals = [lengths_eval[s:s + size] for s in range(0, len(lengths_eval), size)]
-    return (sum(map(sum, train)) / sum(map(padded, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
+    return (sum(map(sum, train)) / sum(map(padded_for_training, train)), sum(map(sum, evals)) / sum(map(padded, evals)))
 
 
 def report_progress(profile_steps, profile):
@@ -260,6 +267,20 @@ def progress(output):
     return int(steps[-1][0]), int(steps[-1][1]), float(steps[0][2]), rate
 
 
+def child_process(command, timeout, cwd=None):
+    """Run a command in a session of its own (stopped with its workers on a timeout or Ctrl-C); its output."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, cwd=cwd)
+    try:
+        return child.communicate(timeout=timeout)[0], child.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        return child.communicate()[0] + f"\n(not done after {timeout:.0f} s)", None
+    except KeyboardInterrupt:
+        os.killpg(child.pid, signal.SIGKILL)
+        raise
+
+
 def run_recipe(name, model, args):
     """Train with one recipe (in this process) and return its row of the table."""
     import torch
@@ -301,7 +322,6 @@ def run_recipe(name, model, args):
 
 
 def main():
-    import subprocess
 
     import torch
     import transformers

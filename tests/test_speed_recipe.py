@@ -476,3 +476,71 @@ def test_the_fp16_check_trains_counts_skipped_steps_reloads_and_compares(tiny_mo
     assert "| fp32 | 6 | 0 | none (no scaler) |" in done.stdout
     assert "| trainable parameters |" in result["comparison"] and "| LoRA | full fine-tuning |" in result["comparison"]
     assert not list(tmp_path.glob("comparison.*"))  # --compare wrote its table in a folder of its own
+
+
+def read_results_history(folder):
+    import json
+
+    return json.loads((Path(folder) / "log_history.json").read_text())
+
+
+def test_cuda_graphs_change_nothing_on_a_cpu(tiny_model, reviews, tmp_path, capsys):
+    """CUDA_GRAPHS is for CUDA GPUs: on a CPU (or a Mac) the run says so in one line and trains exactly as
+    without it."""
+    runs = {}
+    for graphs in ("false", "true"):
+        cfg = settings(tiny_model, reviews, "--max_length", "64", "--max_train_samples", "48", "--max_eval_samples",
+                       "16", "--num_epochs", "1", "--cuda_graphs", graphs, "--output_dir", str(tmp_path / graphs))
+        runs[graphs] = fine_tune_lora.fine_tune(cfg)
+        said = capsys.readouterr().out
+        assert ("CUDA_GRAPHS: not used, as there is no CUDA GPU here" in said) == (graphs == "true")
+        assert "replayed as CUDA graphs" not in said
+    for key in ("train_loss", "eval_loss", "accuracy"):
+        assert runs["true"][key] == runs["false"][key]
+
+
+def test_steps_recorded_once_per_padded_length_and_replayed_learn_as_the_usual_steps(tiny_model, reviews, tmp_path,
+                                                                                     monkeypatch):
+    """What CUDA_GRAPHS records, tried without a GPU: the step's loss module (BatchLoss) runs here as itself
+    where a GPU would record and replay it. Full batches are padded to a multiple of 64 and get one recording per
+    length; the epoch's last, shorter batch runs as usual; and the run learns exactly what the usual steps learn
+    on batches padded to 64."""
+    import torch
+
+    recorded, fell_back = [], []
+    monkeypatch.setattr(fine_tune_lora, "why_no_step_graphs", lambda *args: None)  # as on a GPU
+    monkeypatch.setattr(fine_tune_lora.StepGraphs, "record",
+                        lambda self, module, batch: recorded.append(batch[0].shape) or module)
+    loss = fine_tune_lora.StepGraphs.loss
+
+    def loss_or_usual_step(self, inputs):
+        value = loss(self, inputs)
+        if value is None:
+            fell_back.append(inputs["input_ids"].shape)
+        return value
+    monkeypatch.setattr(fine_tune_lora.StepGraphs, "loss", loss_or_usual_step)
+    # 52 reviews of 12 to 76 tokens: 6 batches of 8 padded to 64 or 128 tokens, then one of 4
+    args = ["--max_length", "100", "--max_train_samples", "52", "--max_eval_samples", "16", "--num_epochs", "1",
+            "--precision", "fp32", "--logging_steps", "1"]
+    graphed = fine_tune_lora.fine_tune(settings(tiny_model, reviews, *args, "--cuda_graphs", "true",
+                                                "--output_dir", str(tmp_path / "graphs")))
+    assert sorted(shape[1] for shape in recorded) == [64, 128] and all(shape[0] == 8 for shape in recorded)
+    assert [shape[0] for shape in fell_back] == [4]
+    usual = fine_tune_lora.fine_tune(settings(tiny_model, reviews, *args, "--pad_to_multiple_of", "64",
+                                              "--output_dir", str(tmp_path / "usual")))
+
+    def logged(folder, key):  # each step's logged value (logging_steps 1), but the last, shorter batch's
+        return [log[key] for log in read_results_history(folder) if key in log][:6]
+    for key in ("loss", "grad_norm"):
+        assert logged(tmp_path / "graphs", key) == pytest.approx(logged(tmp_path / "usual", key), rel=1e-6)
+    assert graphed["train_samples"] == usual["train_samples"] == 52
+    # the recorded module: the model's own loss, from the batch padded to 64 as from the batch as it came
+    model, tokenizer = lora_model(tiny_model, speed_ups=True)
+    graphs = fine_tune_lora.StepGraphs(model, 2, tokenizer.pad_token_id, "fp32")
+    assert [graphs.length(n) for n in (1, 64, 65, 200, 256, 300)] == [64, 64, 128, 256, 256, 256]
+    batch = tokenizer(["a wonderful film . overall great", "dull"], padding=True, return_tensors="pt")
+    batch["labels"] = torch.tensor([1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(fine_tune_lora.BatchLoss(model.get_base_model(), None)(**batch),
+                                   model(**batch).loss)
+        torch.testing.assert_close(graphs.loss(dict(batch)), model(**batch).loss)
