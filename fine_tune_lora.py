@@ -22,6 +22,7 @@ import builtins
 import contextlib
 import difflib
 import errno
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -101,7 +102,9 @@ MAX_EVAL_SAMPLES: int | None = None  # None = all 25,000; with 1000, accuracy ne
 LORA_R: int = 8  # rank of the update; 4-16 is typical, higher learns more and saves a bigger adapter
 LORA_ALPHA: int = 16  # the update is scaled by alpha / r; keep alpha = 2 * r when you change r
 LORA_DROPOUT: float = 0.05  # dropout on the adapter's input; 0.0-0.1
-TARGET_MODULES: list = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity
+TARGET_MODULES: list = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity; all-linear: all
+LORA_TOP_BLOCKS: int | None = None  # None: every block gets adapters; 6: only the top 6 (the backward pass stops there)
+USE_DORA: bool = False  # True: DoRA, which also trains each adapted weight's magnitude; slower
 # training
 LEARNING_RATE: float = 3e-4  # for the adapter; 1e-4 to 1e-3 is usual for LoRA (higher for short runs), too high diverges
 BATCH_SIZE: int = 8  # reviews per step on each GPU; halve it (and double the next line) if you run out of memory
@@ -173,6 +176,8 @@ def fine_tune(cfg):
             lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules,  # c_attn computes each block's queries, keys and values
             fan_in_fan_out=is_conv1d(model, cfg.target_modules),  # GPT-2's Conv1D layers store W transposed
+            layers_to_transform=top_blocks(model, cfg.lora_top_blocks),  # None: the layers of every block
+            use_dora=cfg.use_dora,  # DoRA (Liu et al., 2024) adapts each weight's direction and length apart
         )
         model = get_peft_model(model, lora_config)  # freezes GPT-2: only A, B and `score` are trained
         # GPT-2 small, r = 8 on c_attn: 12 blocks x 8 x (768 + 2,304) + 768 x 2 for `score` = 296,448
@@ -185,8 +190,11 @@ def fine_tune(cfg):
         # Cut to max_length tokens but not padded: each batch is padded later, to its longest review.
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
-    train_set = train_set.map(tokenize, batched=True, remove_columns=["text"])
-    test_set = test_set.map(tokenize, batched=True, remove_columns=["text"])
+    # new_fingerprint names the result in datasets' cache; without it datasets would hash `tokenize`, slowly
+    train_set = train_set.map(tokenize, batched=True, remove_columns=["text"],
+                              new_fingerprint=cache_name(train_set, tokenizer, max_length))
+    test_set = test_set.map(tokenize, batched=True, remove_columns=["text"],
+                            new_fingerprint=cache_name(test_set, tokenizer, max_length))
 
     # 4. Train with the Trainer
     speed_up(model, tokenizer, cfg, run)  # the same computation in less time and memory
@@ -385,19 +393,11 @@ def compare(cfg, argv, variants):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Ctrl-C, or a kill (SIGTERM), at any moment: one line saying what is kept, never a traceback.
-    handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # Python prints and ignores an exception raised in a finalizer (__del__), so a Ctrl-C landing in one
-    # would not stop the run: send it again, a moment later.
-    unraisable_hook = sys.unraisablehook
-    sys.unraisablehook = lambda event: (threading.Timer(0.01, _thread.interrupt_main).start()
-                                        if issubclass(event.exc_type, KeyboardInterrupt) else unraisable_hook(event))
-    cfg = args = None
     # --compare takes the rest of the command line: its variants, each one quoted
     variants = argv[argv.index("--compare") + 1:] if "--compare" in argv else []
     argv = argv[:len(argv) - len(variants)]
-    try:
-        cfg, args = parse_args(argv)
+    with one_line_on_stop_or_error() as outcome:  # Ctrl-C, a kill, a problem the user can fix: one line, status 1
+        cfg, args = outcome.parsed = parse_args(argv)
         quiet_libraries()
         if (args.predict or args.merge or args.compare) and not is_main_process():
             return 0  # under torchrun every process runs this file: one classifies, merges or compares
@@ -410,33 +410,7 @@ def main(argv=None):
         else:
             with one_run_at_a_time(output_dir(cfg)):
                 fine_tune(cfg)
-    except (Exception, KeyboardInterrupt) as error:
-        # Besides the input, the user can fix a full disk and a batch too big for the memory: each gets its line too.
-        disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
-        no_memory = isinstance(error, torch.OutOfMemoryError) or any(  # a CPU's and a Mac's are RuntimeErrors
-            text in str(error) for text in ("DefaultCPUAllocator: can't allocate", "MPS backend out of memory"))
-        # The output piped into a program that has stopped reading (| head) stops the run too, as Ctrl-C does.
-        if pipe_closed := isinstance(error, BrokenPipeError) and stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what Python writes on exit goes nowhere
-        if not isinstance(error, (UserError, KeyboardInterrupt)) and not (disk_full or no_memory or pipe_closed):
-            raise
-        for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
-            bar.close()
-        message = str(error) if isinstance(error, UserError) else stopped(cfg, args)
-        if disk_full:
-            message = f"the disk is full; free some space, or give --output_dir a folder on another disk. {message}"
-        if no_memory:
-            message = (f"out of memory; halve --batch_size and double --gradient_accumulation_steps (updates of as "
-                       f"many reviews, in less memory), or lower --max_length or, if it was evaluating, "
-                       f"--eval_batch_size. {message}")
-        if not isinstance(error, KeyboardInterrupt) or is_main_process():  # under torchrun every process stops
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        sys.unraisablehook = unraisable_hook
-    return 0
+    return outcome.status
 
 
 # =============================================================================
@@ -548,6 +522,8 @@ def check_config(cfg):
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
     if isinstance(cfg.target_modules, str):  # TARGET_MODULES = "c_attn c_proj" edited in: a list of names
         cfg.target_modules = cfg.target_modules.split()
+    if cfg.target_modules == ["all-linear"]:  # PEFT's own shorthand, which it takes as a string only
+        cfg.target_modules = "all-linear"
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     if cfg.report_to not in ("none", "all", *hf_integrations.get_available_reporting_integrations()):
@@ -610,6 +586,7 @@ def loading(flag, name):
     hf_logging.set_verbosity_error()
     try:
         yield
+        stop_if_asked()
     except Exception as error:  # offline, a typo in the name, a folder without weights...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         fix = ("check the files in it" if Path(name).expanduser().exists() else "check the name and your "
@@ -623,9 +600,17 @@ def check_model_settings(cfg, model):
     setting itself stays as asked: a rerun of the same command must find the same settings to resume.)"""
     layers = {name.split(".")[-1] for name, module in model.named_modules()
               if isinstance(module, (torch.nn.Linear, Conv1D)) and name != "score"}
-    if (missing := [t for t in cfg.target_modules if t not in layers]) and not cfg.full_finetune:
+    targets = [] if cfg.target_modules == "all-linear" else cfg.target_modules
+    if (missing := [t for t in targets if t not in layers]) and not cfg.full_finetune:
         raise UserError(f"--target_modules: this model has no layer called {', '.join(missing)}; "
-                        f"it has for example {', '.join(sorted(layers)[:6])}")
+                        f"it has for example {', '.join(sorted(layers)[:6])}, or use all-linear")
+    if cfg.lora_top_blocks and cfg.target_modules == "all-linear" and not cfg.full_finetune:
+        raise UserError(f"--lora_top_blocks takes named --target_modules, not all-linear (PEFT cannot combine them); "
+                        f"name the layers instead: --target_modules {' '.join(sorted(layers))}")
+    blocks = getattr(model.config, "num_hidden_layers", None)
+    if cfg.lora_top_blocks and not cfg.full_finetune and not (blocks and cfg.lora_top_blocks <= blocks):
+        raise UserError(f"--lora_top_blocks {cfg.lora_top_blocks}: this model has {blocks or 'no countable'} blocks; "
+                        f"give at most that many, or none for all")
     if cfg.max_length > (limit := max_tokens(cfg, model)):
         print(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {limit}")
     # Batches are padded up to a multiple of PAD_TO_MULTIPLE_OF: never past the last position the model has.
@@ -642,7 +627,11 @@ def positions(model):  # the most tokens the model can read; no limit given: rel
     return getattr(model.config, "max_position_embeddings", math.inf)
 
 def is_conv1d(model, names):  # GPT-2's layers; most other models use nn.Linear
-    return any(isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in names)
+    return any(isinstance(module, Conv1D) for name, module in model.named_modules()
+               if names == "all-linear" or name.split(".")[-1] in names)
+
+def top_blocks(model, count):  # the numbers of the top `count` blocks, for LoraConfig; None: all of them
+    return None if count is None else list(range(model.config.num_hidden_layers - count, model.config.num_hidden_layers))
 
 def load_reviews(cfg):
     """The train and test reviews (`text`; `label`, 0 = negative), checked, without empty ones, and a
@@ -672,7 +661,20 @@ def load_reviews(cfg):
             kept = kept.cast_column("label", datasets.Value("int64"))
         # A random subset, not the first rows: IMDB is sorted by label, so those would all be negative.
         splits.append(kept.shuffle(seed=cfg.seed).select(range(limit)) if limit and limit < len(kept) else kept)
+    stop_if_asked()
     return splits
+
+def cache_name(reviews, tokenizer, max_length):
+    """The name datasets caches the tokenized reviews under, made from all that decides them: the reviews (datasets'
+    fingerprint of them), the whole tokenizer (its vocabulary, merges and rules, as JSON) and the cut. Without one,
+    datasets hashes the tokenize function, tokenizer and all, with dill: a second or more, inside a bare `except:`
+    that would swallow a Ctrl-C (see STOP_ASKED). None for a slow tokenizer: datasets hashes it as before."""
+    if not tokenizer.is_fast:
+        return None
+    rules = json.loads(tokenizer.backend_tokenizer.to_str())
+    rules.pop("truncation"), rules.pop("padding")  # left by the last call: not part of the tokenizer's rules
+    key = [reviews._fingerprint, type(tokenizer).__name__, tokenizer.truncation_side, max_length, rules]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 def read_reviews(name):
     """From the Hub, or a local folder: Stanford's aclImdb layout, or train.* and test.* files."""
@@ -705,6 +707,7 @@ def read_json(path):  # a results.json, run_settings.json...; {} if there is non
 # speed: each changes how the training is computed, not what (tested); measured in benchmarks/README.md
 
 def speed_up(model, tokenizer, cfg, run):
+    stop_if_asked()  # (swallowed while tokenizing)
     model.config.use_cache = False  # no copies of every layer's keys and values: a classifier never generates
     for module in list(model.modules()):  # GPT-2's GELU, eight operations in Python, as one PyTorch kernel
         for name, child in module.named_children():
@@ -886,6 +889,7 @@ class Watch(TrainerCallback):
         self.on_step_end(args, state, control, epoch_end=True)
 
     def on_step_end(self, args, state, control, epoch_end=False, **kwargs):
+        stop_if_asked()
         control.should_save = control.should_save or 0 < self.save_seconds < time.monotonic() - self.saved
         # An epoch's last step is followed by its evaluation: save after it, or a run resumed from this
         # checkpoint would go on without that evaluation.
@@ -898,6 +902,12 @@ class Watch(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.saved = time.monotonic()
+
+    def on_substep_end(self, args, state, control, **kwargs):  # each batch, also between accumulated ones
+        stop_if_asked()
+
+    def on_prediction_step(self, args, state, control, **kwargs):  # each evaluation batch
+        stop_if_asked()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not math.isfinite(logs.get("loss", 0.0)):
@@ -913,6 +923,7 @@ def output_dir(cfg):
     return Path(cfg.full_output_dir if cfg.full_finetune else cfg.output_dir)
 
 def prepare_run(cfg):
+    started = time.monotonic()
     check_hub_reachable(cfg.model_name, cfg.dataset_name)
     out_dir = output_dir(cfg)
     for flag in ("model_name", "dataset_name"):  # a save replaces the output folder: never one it reads from
@@ -933,7 +944,8 @@ def prepare_run(cfg):
               f"(to keep it, stop now with Ctrl-C and give this run an --output_dir of its own)")
     device, device_name, precision = pick_device_and_precision(cfg)
     return SimpleNamespace(out_dir=out_dir, checkpoints=str(checkpoints), resume_from=resume_from, device=device,
-                           device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")))
+                           device_name=device_name, precision=precision, world=int(os.environ.get("WORLD_SIZE", "1")),
+                           started=started)
 
 @contextlib.contextmanager
 def one_run_at_a_time(out_dir):
@@ -1000,6 +1012,7 @@ def save_atomically(out_dir, write):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
+        stop_if_asked()  # before the swap: the folder as it was stays
         umask = os.umask(0)
         os.umask(umask)
         for path in [tmp, *tmp.rglob("*")]:  # temporary files are private; give them the usual permissions
@@ -1025,8 +1038,8 @@ def save_atomically(out_dir, write):
 
 # The settings that must match for a checkpoint to be resumed (not the speed or output ones).
 RUN_SETTINGS = ["model_name", "dataset_name", "max_length", "max_train_samples", "lora_r", "lora_alpha", "lora_dropout",
-                "target_modules", "full_finetune", "learning_rate", "full_learning_rate", "batch_size",
-                "gradient_accumulation_steps", "num_epochs", "seed", "group_by_length"]
+                "target_modules", "lora_top_blocks", "use_dora", "full_finetune", "learning_rate", "full_learning_rate",
+                "batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "group_by_length"]
 
 def find_resume_checkpoint(cfg, folder):
     """The last complete checkpoint of a run with these settings: the Trainer writes trainer_state.json last
@@ -1052,6 +1065,67 @@ def watch_training(cfg, run, trainer):
     if run.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.add_callback(Watch(trainer, save_seconds=60 * cfg.save_minutes))
+
+# A stop asked for (Ctrl-C, a kill), remembered: the KeyboardInterrupt it raises can be swallowed by a library
+# that catches everything (datasets 5.2 hashes a transform inside a bare `except:`), and then the run would go on.
+STOP_ASKED = threading.Event()
+
+def ask_to_stop(signum, frame):
+    STOP_ASKED.set()
+    raise KeyboardInterrupt
+
+def stop_if_asked():
+    """Raise the KeyboardInterrupt again if a stop was asked for and swallowed: after each phase and each step."""
+    if STOP_ASKED.is_set():
+        raise KeyboardInterrupt
+
+@contextlib.contextmanager
+def one_line_on_stop_or_error():
+    """main()'s frame: Ctrl-C or a kill (SIGTERM) at any moment, a problem the user can fix (UserError), a full disk
+    or memory end with one line saying what is kept and what to do, and status 1; a bug keeps its traceback.
+    Yields where main() puts the settings (for the line after a stop) and finds the status."""
+    outcome = SimpleNamespace(parsed=(None, None), status=0)
+    handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    STOP_ASKED.clear()
+    # Python prints and ignores an exception raised in a finalizer (__del__), so a Ctrl-C landing in one
+    # would wait for the next check: send it again, a moment later.
+    unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = lambda event: (threading.Timer(0.01, _thread.interrupt_main).start()
+                                        if issubclass(event.exc_type, KeyboardInterrupt) else unraisable_hook(event))
+    try:
+        yield outcome
+        stop_if_asked()  # swallowed in the last phase: the line says what was done
+    except (Exception, KeyboardInterrupt) as error:
+        message = one_line(error, *outcome.parsed)  # (a bug is raised again, with its traceback)
+        if not isinstance(error, KeyboardInterrupt) or is_main_process():  # under torchrun every process stops
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        outcome.status = 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = unraisable_hook
+
+def one_line(error, cfg, args):
+    """What the user reads when the run ends early, and can act on; raises the error again if it is a bug."""
+    # Besides the input, the user can fix a full disk and a batch too big for the memory: each gets its line too.
+    disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+    no_memory = isinstance(error, torch.OutOfMemoryError) or any(  # a CPU's and a Mac's are RuntimeErrors
+        text in str(error) for text in ("DefaultCPUAllocator: can't allocate", "MPS backend out of memory"))
+    # The output piped into a program that has stopped reading (| head) stops the run too, as Ctrl-C does.
+    if pipe_closed := isinstance(error, BrokenPipeError) and stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what Python writes on exit goes nowhere
+    if not isinstance(error, (UserError, KeyboardInterrupt)) and not (disk_full or no_memory or pipe_closed):
+        raise error
+    for bar in list(getattr(tqdm, "_instances", [])):  # close the progress bars: the message gets its line
+        bar.close()
+    message = str(error) if isinstance(error, UserError) else stopped(cfg, args)
+    if disk_full:
+        message = f"the disk is full; free some space, or give --output_dir a folder on another disk. {message}"
+    if no_memory:
+        message = (f"out of memory; halve --batch_size and double --gradient_accumulation_steps (updates of as "
+                   f"many reviews, in less memory), or lower --max_length or, if it was evaluating, "
+                   f"--eval_batch_size. {message}")
+    return message
 
 def stopped(cfg, args):
     """The line after Ctrl-C or a kill. Saves are atomic: only checkpoints can be left, and a rerun finds them."""
@@ -1135,6 +1209,7 @@ def describe_run(cfg, run, trainer):
         step = f"{step_seconds:.2g}" if step_seconds < 10 else f"{step_seconds:.0f}"  # 0.012, 6.9, 42
         print(f"No GPU found: training runs on the CPU. One step takes about {step} s here, so this run needs "
               f"roughly {total}.{quick}")
+    stop_if_asked()
 
 def count(n, noun):  # 1 step, 2 steps
     return f"{n:,} {noun}{'s' * (n != 1)}"
@@ -1187,6 +1262,8 @@ def collect_results(cfg, run, trainer, trained, metrics):
         "train_seconds": None if run.resume_from else seconds,
         "epoch_seconds": trainer.epoch_seconds,  # the first includes warm-up (and compiling, if on)
         "train_samples_per_second": None if run.resume_from else n_train * cfg.num_epochs / seconds,
+        # Loading, tokenizing, training and evaluating (not the imports before, nor the save after: seconds)
+        "run_seconds": None if run.resume_from else time.monotonic() - run.started,
         "eval_samples_per_second": metrics.get("eval_samples_per_second"),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if run.device == "cuda" else None,
         "peak_process_memory_gb": peak / 1e9 if peak else None,
@@ -1243,8 +1320,10 @@ def write_model_card(folder, name, results, merged_from=None):
                       for metric in ("accuracy", "f1")])
     what = (f"A LoRA adapter for `{base}`" if lora else f"`{base}` with a LoRA adapter merged into its weights"
             if merged_from else f"`{base}` with every weight fine-tuned")
-    how = (f"LoRA, r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout {cfg['lora_dropout']}, on "
-           f"{', '.join(cfg['target_modules'])}" if results["method"] == "lora" else "full fine-tuning")
+    targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else ", ".join(cfg["target_modules"])
+    top = f" of the top {count(cfg['lora_top_blocks'], 'block')}" if cfg.get("lora_top_blocks") else ""
+    how = (f"{'DoRA' if cfg.get('use_dora') else 'LoRA'}, r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout "
+           f"{cfg['lora_dropout']}, on {targets}{top}" if results["method"] == "lora" else "full fine-tuning")
     load = ('from peft import AutoPeftModelForSequenceClassification as Model', ', id2label={0: "negative", 1: '
             '"positive"}, pad_token_id=tokenizer.pad_token_id') if lora else (
         "from transformers import AutoModelForSequenceClassification as Model", "")
@@ -1280,11 +1359,12 @@ RESULT_ROWS = [
     ("trainable parameters", "trainable_params", "{trainable_params:,} ({trainable_percent:.2f}%)"),
     ("training time", "train_seconds", "{train_seconds:.1f} s"),
     ("training samples/s", "train_samples_per_second", "{train_samples_per_second:.1f}"),
+    ("whole run", "run_seconds", "{run_seconds:.1f} s"),
     ("peak GPU memory", "peak_gpu_memory_gb", "{peak_gpu_memory_gb:.2f} GB"),
     ("peak process memory", "peak_process_memory_gb", "{peak_process_memory_gb:.2f} GB"),
     ("saved weights on disk", "adapter_size_mb", "{adapter_size_mb:.2f} MB"),
 ]
-MISSING = {"train_seconds": "n/a (resumed)", "train_samples_per_second": "n/a (resumed)",
+MISSING = {"train_seconds": "n/a (resumed)", "train_samples_per_second": "n/a (resumed)", "run_seconds": "n/a (resumed)",
            "peak_gpu_memory_gb": "n/a (no GPU)"}
 
 def result_rows(runs):

@@ -9,8 +9,11 @@ through fine_tune_lora.py --compare, and writes their tables to one page.
 
 Each study is one `fine_tune_lora.py --compare` with the same reviews for every run in it (add your own
 to STUDIES):
-  quick   the quick run the script suggests on a CPU (QUICK_RUN): LoRA at two learning rates, and full
-          fine-tuning
+  quick     the quick run the script suggests on a CPU (QUICK_RUN): LoRA at two learning rates, and full
+            fine-tuning
+  settings  what each setting buys on the quick run: rank 4 / 8 / 16, the adapted layers (the script's
+            targets, every attention projection, every linear layer), the top half of the blocks only,
+            128 tokens instead of 256 (and both), DoRA; 1,000 test reviews, one line per variant
 Every training runs in a process of its own and saves to OUT/<study>/; a finished one is not run
 again, so an interrupted benchmark goes on where it stopped. OUT/accuracy.md gets one table per
 study, with the model, data, hardware, date, library versions and the command that re-measures it;
@@ -19,6 +22,8 @@ Any other fine_tune_lora.py setting can be added (--precision fp32, --batch_size
 """
 import argparse
 import datetime
+import json
+import math
 import platform
 import shlex
 import subprocess
@@ -34,7 +39,15 @@ QUICK = [arg for key, value in ft.QUICK_RUN.items() for arg in (f"--{key}", str(
 STUDIES = {
     "quick": ("The quick run: LoRA at two learning rates, and full fine-tuning", ["--logging_steps", "25"],
               ["--learning_rate 3e-4", "--learning_rate 1e-3", "--full_finetune true"]),
+    # {attention} and {half} are filled in for the model: its attention projections, half its blocks
+    "settings": ("What each setting buys, on the quick run", ["--logging_steps", "25", "--max_eval_samples", "1000"],
+                 ["", "--max_length 128", "--lora_top_blocks {half}", "--max_length 128 --lora_top_blocks {half}",
+                  "--lora_r 4 --lora_alpha 8", "--lora_r 16 --lora_alpha 32", "--target_modules {attention}",
+                  "--target_modules all-linear", "--use_dora true"]),
 }
+# Each model family's attention projections. GPT-2's c_proj names its MLP's output layer too.
+ATTENTION = {"llama": "q_proj k_proj v_proj o_proj", "gpt2": "c_attn c_proj"}
+ONE_LINE_PER_VARIANT = {"settings"}
 
 
 def parse_args():
@@ -62,6 +75,11 @@ def hardware():
 def run_study(name, args, extra, out):
     """Train the study's runs (those not done yet) and return its table, headed by how to re-measure it."""
     title, settings, variants = STUDIES[name]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model)
+    variants = [v.format(attention=ATTENTION.get(config.model_type, ""), half=config.num_hidden_layers // 2)
+                for v in variants]
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     # The runs start in the study's folder: a local model or data folder is passed to them as a full path.
@@ -80,7 +98,26 @@ def run_study(name, args, extra, out):
         sys.exit(f"error: the {name!r} study stopped; see above. The same command goes on where it stopped.")
     rerun = shlex.join(["python", "benchmarks/accuracy.py", "--model", args.model, "--dataset", args.dataset,
                         "--studies", name, *extra] + (["--out", args.out] if args.out != "accuracy" else []))
-    return f"## {title}\n\n`{rerun}`\n\n{(folder / 'comparison.md').read_text().strip()}\n"
+    table = (variant_table(json.loads((folder / "comparison.json").read_text())) if name in ONE_LINE_PER_VARIANT
+             else (folder / "comparison.md").read_text().strip())
+    return f"## {title}\n\n`{rerun}`\n\n{table}\n"
+
+
+def variant_table(results):
+    """One line per run: what it reached (with the noise of an accuracy measured on so many reviews), in how long
+    and how much memory, and what it saves."""
+    lines = ["| variant | accuracy | F1 | trainable parameters | training | whole run | peak process memory | adapter |",
+             "| --- " * 8 + "|"]
+    for name, run in results.items():
+        p, n = run["accuracy"], run["eval_samples"]
+        noise = 2 * math.sqrt(p * (1 - p) / n)  # two standard errors: 95% of such measurements fall within it
+        whole = f"{run['run_seconds'] / 60:.1f} min" if run.get("run_seconds") else "n/a"
+        memory = f"{run['peak_process_memory_gb']:.2f} GB" if run.get("peak_process_memory_gb") else "n/a"
+        lines.append(f"| {name} | {p:.3f} ± {noise:.3f} | {run['f1']:.3f} | {run['trainable_params']:,} | "
+                     f"{run['train_seconds'] / 60:.1f} min | {whole} | {memory} | {run['adapter_size_mb']:.2f} MB |")
+    n = next(iter(results.values()))["eval_samples"]
+    return "\n".join(lines) + (f"\n\n± is two standard errors of an accuracy measured on {n:,} test reviews: a "
+                               f"difference inside it is not a finding.")
 
 
 def main():

@@ -112,8 +112,9 @@ def smoke_test():
         usual = plain(**batch).loss
     usual.backward()
     seen["loss_graphs_vs_usual"] = [graphed.item(), usual.item()]
-    seen["largest_gradient_difference"] = max(((g - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
-                                              for n, p in plain.named_parameters() if (g := from_graphs.get(n)) is not None)
+    seen["largest_gradient_difference"] = max(
+        ((g - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
+        for n, p in plain.named_parameters() if (g := from_graphs.get(n)) is not None)
     return seen
 
 

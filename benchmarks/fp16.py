@@ -98,8 +98,8 @@ def run_precision(args):
     reloaded_accuracy = (predicted == torch.tensor(test["label"])).float().mean().item()
     ft.predict(cfg, ["A wonderful, moving film.", "Two hours I will never get back."])
     return dict(
-        precision=results["training_precision"], steps=max(log["step"] for log in history), skipped_steps=skipped, scales=sorted(set(scales), reverse=True),
-        final_scale=scales[-1] if scales else None,
+        precision=results["training_precision"], steps=max(log["step"] for log in history), skipped_steps=skipped,
+        scales=sorted(set(scales), reverse=True), final_scale=scales[-1] if scales else None,
         losses=[(log["step"], log["loss"]) for log in history if "loss" in log],
         eval_loss=results["eval_loss"], accuracy=results["accuracy"], reloaded_accuracy=reloaded_accuracy,
         train_samples_per_second=results["train_samples_per_second"], peak_gpu_memory_gb=results["peak_gpu_memory_gb"])

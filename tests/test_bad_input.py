@@ -60,6 +60,10 @@ CASES = {
                      ["no train reviews are left"]),
     "unknown target module": (lambda tmp: ["--target_modules", "c_attn", "q_proj"],
                               ["no layer called q_proj", "c_attn"]),
+    "more top blocks than the model has": (lambda tmp: ["--lora_top_blocks", "3"],  # the tiny GPT-2 has 2
+                                           ["--lora_top_blocks 3: this model has 2 blocks", "at most that many"]),
+    "top blocks of all-linear": (lambda tmp: ["--lora_top_blocks", "1", "--target_modules", "all-linear"],
+                                 ["takes named --target_modules, not all-linear", "--target_modules c_attn c_fc c_proj"]),
     "padding past the model's last position": (lambda tmp: ["--pad_to_multiple_of", "300"],  # reads 256 tokens
                                                ["--pad_to_multiple_of 300", "to 300", "use 64"]),
     "value that does not parse": (lambda tmp: ["--lora_r", "eight"], ["--lora_r", "'eight'", "whole number"]),

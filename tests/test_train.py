@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (SCRIPT, TINY_TRAINABLE, base_args, check_model_card, make_reviews, read_results, run_main,
+from conftest import (SCRIPT, TINY, TINY_TRAINABLE, base_args, check_model_card, make_reviews, read_results, run_main,
                       run_script, write_acl_imdb, write_split_files)
 
 RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
@@ -351,3 +351,68 @@ def test_gradient_accumulation_is_the_same_training_as_a_bigger_batch(tiny_model
         assert done.returncode == 0, done.stderr[-2000:]
         losses.append(read_results(tmp_path / name)["train_loss"])
     assert abs(losses[0] / losses[1] - 1) < 0.1, losses
+
+
+def test_all_linear_top_blocks_and_dora_each_do_what_they_say_and_predict_and_merge(tiny_model, reviews, tmp_path,
+                                                                                    capsys):
+    """The settings the Experiments study measures, on the tiny GPT-2 (2 blocks, 64 wide): --target_modules
+    all-linear adapts all four of a block's layers, --lora_top_blocks 1 the last block only, --use_dora adds a
+    trained magnitude per output of each adapted layer, saved with the adapter; --predict and --merge take them."""
+    from safetensors import safe_open
+
+    width, head = TINY["n_embd"], TINY["n_embd"] * 2
+    outputs = {"attn.c_attn": 3 * width, "attn.c_proj": width, "mlp.c_fc": 4 * width, "mlp.c_proj": width}
+    inputs = {"attn.c_attn": width, "attn.c_proj": width, "mlp.c_fc": width, "mlp.c_proj": 4 * width}
+    runs = {"all-linear": (["--target_modules", "all-linear"],
+                           2 * sum(8 * (inputs[k] + outputs[k]) for k in outputs) + head, {"0", "1"}),
+            "top block": (["--lora_top_blocks", "1"], 8 * (width + 3 * width) + head, {"1"}),
+            "dora": (["--use_dora", "true"], TINY_TRAINABLE + 2 * outputs["attn.c_attn"], {"0", "1"})}
+    for name, (args, trainable, blocks) in runs.items():
+        out = tmp_path / name
+        done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "48",
+                        "--max_eval_samples", "16", "--output_dir", out, *args)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert read_results(out)["trainable_params"] == trainable, name
+        with safe_open(out / "adapter_model.safetensors", "pt") as saved:
+            keys = list(saved.keys())
+        assert {key.split(".h.")[1].split(".")[0] for key in keys if "lora_A" in key} == blocks, name
+        assert any("lora_magnitude_vector" in key for key in keys) == (name == "dora"), name
+        if name == "all-linear":
+            assert {key.split(".h.")[1].split(".", 1)[1].rsplit(".lora_A", 1)[0] for key in keys if "lora_A" in key} \
+                == set(outputs)
+    predicted = run_main(capsys, "--output_dir", tmp_path / "dora", "--predict", "a wonderful film . overall great")
+    assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].split()[0] in ("negative", "positive")
+    merged = run_main(capsys, "--output_dir", tmp_path / "top block", "--merge")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert float(merged.stdout.split("texts:")[-1].split()[0]) < 1e-4
+
+
+def test_tokenized_reviews_are_cached_under_a_name_made_of_what_decides_them(tiny_model, reviews):
+    """The lesson names the tokenized reviews for datasets' cache itself (hashing the tokenize function takes
+    datasets seconds, and can swallow a Ctrl-C): the same reviews, tokenizer and cut find the cache; a change to
+    any of them does not."""
+    from transformers import AutoTokenizer
+
+    import fine_tune_lora
+
+    cfg, _ = fine_tune_lora.parse_args(["--model_name", str(tiny_model), "--dataset_name", str(reviews),
+                                        "--max_train_samples", "64"])
+    train, _ = fine_tune_lora.load_reviews(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    calls = []
+
+    def tokenize(batch):
+        calls.append(len(batch["text"]))
+        return tokenizer(batch["text"], truncation=True, max_length=64)
+
+    for _ in range(2):
+        train.map(tokenize, batched=True, new_fingerprint=fine_tune_lora.cache_name(train, tokenizer, 64))
+    assert calls == [64]  # tokenized once; the second time, read from the cache
+    changed_tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    changed_tokenizer.add_tokens(["superbly"])
+    cfg.max_train_samples = 63
+    names = [fine_tune_lora.cache_name(train, tokenizer, 64), fine_tune_lora.cache_name(train, tokenizer, 32),
+             fine_tune_lora.cache_name(fine_tune_lora.load_reviews(cfg)[0], tokenizer, 64),
+             fine_tune_lora.cache_name(train, changed_tokenizer, 64)]
+    assert len(set(names)) == 4
+    assert fine_tune_lora.cache_name(fine_tune_lora.load_reviews(cfg)[0], tokenizer, 64) == names[2]
