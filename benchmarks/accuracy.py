@@ -113,8 +113,9 @@ def variant_table(results):
         noise = 2 * math.sqrt(p * (1 - p) / n)  # two standard errors: 95% of such measurements fall within it
         whole = f"{run['run_seconds'] / 60:.1f} min" if run.get("run_seconds") else "n/a"
         memory = f"{run['peak_process_memory_gb']:.2f} GB" if run.get("peak_process_memory_gb") else "n/a"
+        saved = run.get("saved_weights_mb", run.get("adapter_size_mb"))  # (its name in results.json until 2026-12)
         lines.append(f"| {name} | {p:.3f} ± {noise:.3f} | {run['f1']:.3f} | {run['trainable_params']:,} | "
-                     f"{run['train_seconds'] / 60:.1f} min | {whole} | {memory} | {run['adapter_size_mb']:.2f} MB |")
+                     f"{run['train_seconds'] / 60:.1f} min | {whole} | {memory} | {saved:.2f} MB |")
     n = next(iter(results.values()))["eval_samples"]
     return "\n".join(lines) + (f"\n\n± is two standard errors of an accuracy measured on {n:,} test reviews: a "
                                f"difference inside it is not a finding.")

@@ -93,8 +93,7 @@ def run_precision(args):
     # The saved adapter, loaded as --predict loads it (fp32), classifies the same test reviews again.
     model, tokenizer = ft.load_saved_model(args.out)
     _, test = ft.load_reviews(cfg)
-    logits = ft.classify(model, tokenizer, list(test["text"]), cfg.max_length, batch_size=64)
-    predicted = logits.argmax(-1)
+    predicted = ft.classify(model, tokenizer, list(test["text"]), cfg.max_length).argmax(-1)
     reloaded_accuracy = (predicted == torch.tensor(test["label"])).float().mean().item()
     ft.predict(cfg, ["A wonderful, moving film.", "Two hours I will never get back."])
     return dict(

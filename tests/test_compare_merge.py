@@ -79,7 +79,7 @@ def test_compare_writes_the_table_with_every_cell_measured(tiny_model, reviews, 
     assert (tmp_path / "comparison.png").stat().st_size > 10_000  # both methods' curves in one figure
     for method in ("lora", "full"):  # the two runs saw the same data and schedule
         assert results[method]["train_samples"] == 240 and results[method]["config"]["seed"] == 42
-    assert results["full"]["adapter_size_mb"] > 10 * results["lora"]["adapter_size_mb"]
+    assert results["full"]["saved_weights_mb"] > 10 * results["lora"]["saved_weights_mb"]
 
 
 def test_several_adapters_share_one_base(trained, tiny_model, reviews, tmp_path, capsys, monkeypatch):

@@ -196,11 +196,11 @@ def test_a_crash_while_saving_keeps_the_previous_adapter(trained, tmp_path):
 
     # A crash between the two renames leaves the old folder under a hidden name: it is put back.
     os.rename(out, tmp_path / f".{out.name}.old-12345")
-    fine_tune_lora.check_output_dir(out)
+    fine_tune_lora.finish_an_interrupted_save(out)
     assert (out / "adapter_model.safetensors").exists()
     # A stop after the new folder took its place, while the old one was being deleted: what is left of it goes.
     shutil.copytree(out, tmp_path / f".{out.name}.old-12345")
-    fine_tune_lora.check_output_dir(out)
+    fine_tune_lora.finish_an_interrupted_save(out)
     assert set(os.listdir(tmp_path)) == {"adapter"} and (out / "adapter_model.safetensors").exists()
 
 
@@ -553,7 +553,8 @@ def test_default_settings_checkpoint_a_short_run_and_a_resume_keeps_the_whole_ru
 
 
 def test_without_the_hub_the_error_comes_in_seconds_and_names_the_fix(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") or k == "HF_HOME"}
+    # online as far as the libraries know, whatever the user has set (TRANSFORMERS_OFFLINE=1 counts as HF_HUB_OFFLINE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE")) or k == "HF_HOME"}
     env = {k: v for k, v in env.items() if not k.lower().endswith("_proxy")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", PYTHONUNBUFFERED="1")  # a closed port: no network
     # and behind a proxy that cannot be reached: the check goes through it, as the libraries would

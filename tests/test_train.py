@@ -11,7 +11,7 @@ from conftest import (SCRIPT, TINY, TINY_TRAINABLE, base_args, check_model_card,
                       run_script, write_acl_imdb, write_split_files)
 
 RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
-               "train_seconds", "train_samples_per_second", "peak_gpu_memory_gb", "adapter_size_mb", "config"}
+               "train_seconds", "train_samples_per_second", "peak_gpu_memory_gb", "saved_weights_mb", "config"}
 
 
 def test_training_learns_and_saves_adapter_and_results(trained):
@@ -30,7 +30,7 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     assert sum(map(sum, results["confusion_matrix"])) == results["eval_samples"] == 120
     assert results["trainable_params"] == TINY_TRAINABLE
     assert results["peak_gpu_memory_gb"] is None  # no GPU in the tests
-    assert results["adapter_size_mb"] == pytest.approx((out / "adapter_model.safetensors").stat().st_size / 1e6)
+    assert results["saved_weights_mb"] == pytest.approx((out / "adapter_model.safetensors").stat().st_size / 1e6)
     assert results["config"]["lora_r"] == 8 and results["config"]["max_length"] == 64
     # what the user reads on screen
     assert f"trainable params: {TINY_TRAINABLE:,}" in done.stdout
