@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "fine_tune_lora.py"
 sys.path.insert(0, str(ROOT))
 
-# Nothing in the tests may reach the Hub: everything they load is a local folder.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Nothing in the tests may reach the Hub: everything they load is a local folder (whatever the user has set).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The tests are for a CPU: on a machine with a CUDA GPU they hide it, from this process and the scripts it starts.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # datasets keeps a copy of every data folder it reads, and of its tokenized reviews, in its cache (by default
 # in your home folder): the tests' copies go to a temporary folder, deleted when they end.
@@ -26,6 +28,48 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fine-tune-lora-tests-
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one core each, not two threads fighting over each core
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+@pytest.fixture(autouse=True)
+def no_apple_gpu(monkeypatch):
+    """On a Mac, the runs in this process train on the CPU too (the scripts it starts would still see the GPU)."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def error_lines(stderr):
+    """The script's own lines on stderr: a library may add warnings of its own (matplotlib's cache folder, say)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def wait_until(condition, process=None, what="it", seconds=300):
+    """Poll until condition() holds; fail if the process ends first, or after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process is None or process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.02)
+
+
+def loading_libraries(pid):
+    """Whether a Python process has begun loading torch or pyarrow (Linux: the files it has mapped): by then the
+    script and the benchmark have put in their Ctrl-C handler for that phase, and the loading takes seconds more."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    return "/torch/" in maps or "/pyarrow/" in maps
+
+
+def checkpoint_reached(folder, step):
+    """A complete checkpoint of this step or a later one: SAVE_TOTAL_LIMIT deletes the older ones as the run goes."""
+    import fine_tune_lora
+
+    return any((fine_tune_lora.checkpoint_step(c) or 0) >= step and (c / "trainer_state.json").exists()
+               for c in Path(folder).glob("checkpoint-*"))
+
 
 def pytest_configure(config):
     """The library warnings the script itself silences (deprecations inside the libraries) stay silent here too."""

@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -121,9 +120,8 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model, reviews, tmp_path
     make_args, expected = CASES[case]
     extra = [str(a) for a in make_args(tmp_path)]
     args = [*base_args(tiny_model, reviews), "--output_dir", tmp_path / "out", *extra]
-    started = time.monotonic()
     status, errors = run_main(capsys, *args)
-    assert status not in (0, None) and time.monotonic() - started < 10  # before any training
+    assert status not in (0, None) and not (tmp_path / "out" / "checkpoints").exists()  # before any training began
     assert len(errors) == 1, errors
     for fragment in expected:
         assert fragment in errors[0], errors[0]

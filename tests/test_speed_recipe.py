@@ -4,6 +4,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 import fine_tune_lora
 
@@ -130,16 +131,29 @@ def test_the_trainer_draws_its_batches_from_the_grouped_sampler(tiny_model, revi
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_both_cpu_precisions_learn_and_keep_the_trained_weights_in_fp32(tiny_model, reviews, tmp_path, precision,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     """"auto" picks one of the two on a CPU, by what the CPU computes in hardware: both must learn.
     Under bf16 the frozen layers are stored in bf16; the adapter and `score` must stay fp32."""
     from conftest import base_args, read_results, run_main
     from safetensors.torch import load_file
 
+    stored = {}
+    speed_up = fine_tune_lora.speed_up
+
+    def speed_up_and_look(model, *args):  # the weights as training will use them
+        speed_up(model, *args)
+        stored.update({name: str(p.dtype) for name, p in model.named_parameters() if name.endswith("weight")})
+    monkeypatch.setattr(fine_tune_lora, "speed_up", speed_up_and_look)
     out = tmp_path / precision
     done = run_main(capsys, *base_args(tiny_model, reviews), "--precision", precision, "--output_dir", out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"precision {precision}" in done.stdout
+    frozen = {name: dtype for name, dtype in stored.items() if name.rsplit(".", 1)[0].endswith(("c_attn.base_layer",
+                                                                                              "c_proj", "c_fc"))}
+    assert len(frozen) == 4 * 2  # c_attn, c_fc and two c_proj in each of 2 blocks
+    assert set(frozen.values()) == {"torch.bfloat16" if precision == "bf16" else "torch.float32"}, frozen
+    trained = {dtype for name, dtype in stored.items() if "lora_" in name or "score" in name}
+    assert trained == {"torch.float32"}
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
     assert read_results(out)["accuracy"] >= 0.9
@@ -386,22 +400,21 @@ def test_ctrl_c_stops_the_benchmark_with_the_recipe_it_runs(tiny_model, reviews,
     benchmark.send_signal(signal.SIGINT)  # what Ctrl-C sends to the terminal's process group, the benchmark alone
     stderr = benchmark.communicate(timeout=60)[1]
     assert benchmark.returncode == 130 and stderr.strip().endswith("Stopped during the recipe 'naive'"), stderr[-2000:]
-    time.sleep(0.5)
-    assert processes() == []
+    wait_until(lambda: processes() == [], what="the recipe's processes ending", seconds=30)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="sees what a process loads in /proc (Linux)")
 def test_ctrl_c_while_the_benchmark_loads_its_libraries_is_one_line(tiny_model, reviews):
     """Before any recipe runs, Ctrl-C ends the benchmark with one line and no traceback."""
     import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import ROOT
+    from conftest import ROOT, loading_libraries
 
     benchmark = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(tiny_model),
                                   "--dataset", str(reviews)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1)  # torch alone takes longer to import
+    wait_until(lambda: loading_libraries(benchmark.pid), benchmark, "the libraries loading", seconds=60)
     benchmark.send_signal(signal.SIGINT)
     stderr = benchmark.communicate(timeout=60)[1]
     assert benchmark.returncode == 130 and stderr.strip() == "Stopped", stderr[-2000:]

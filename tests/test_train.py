@@ -5,10 +5,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import (SCRIPT, TINY, TINY_TRAINABLE, base_args, check_model_card, make_reviews, read_results, run_main,
-                      run_script, write_acl_imdb, write_split_files)
+from conftest import (NEGATIVE, POSITIVE, SCRIPT, TINY, TINY_TRAINABLE, base_args, check_model_card, error_lines,
+                      make_reviews, read_results, run_main, run_script, write_acl_imdb, write_split_files)
 
 RESULT_KEYS = {"accuracy", "f1", "precision", "recall", "confusion_matrix", "trainable_params", "all_params",
                "train_seconds", "train_samples_per_second", "peak_gpu_memory_gb", "saved_weights_mb", "config"}
@@ -77,8 +79,8 @@ def test_output_piped_into_a_program_that_stops_reading_ends_with_one_line(train
     assert process.stdout.readline().split() == [str(out), "text"]
     process.stdout.close()  # as head does once it has its lines
     stderr = process.stderr.read()
-    assert process.wait(timeout=120) == 1
-    assert stderr.strip().splitlines() == ["error: Stopped; nothing was left half-written."], stderr[-2000:]
+    assert process.wait(timeout=120) == 1 and "Traceback" not in stderr
+    assert error_lines(stderr) == ["error: Stopped; nothing was left half-written."], stderr[-2000:]
 
 
 RELOAD = """
@@ -110,6 +112,7 @@ def test_reloading_in_a_fresh_process_gives_the_same_predictions(trained, capsys
     flat = [p for row in auto for p in row]
     assert flat == pytest.approx([p for row in manual for p in row], abs=1e-6)  # the two ways agree
     predicted = run_main(capsys, "--output_dir", out, "--predict", *texts)
+    assert predicted.returncode == 0 and len(predicted.stdout.splitlines()[1:]) == len(texts) == len(auto)
     for row, probabilities in zip(predicted.stdout.splitlines()[1:], auto):
         label, shown = row.split()[:2]
         expected = max(range(2), key=lambda i: probabilities[i])
@@ -145,6 +148,12 @@ def test_each_local_data_layout_trains(tiny_model, tmp_path, layout, capsys):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Found 64 train and 32 test reviews" in done.stdout
     assert read_results(tmp_path / "out")["eval_samples"] == 32
+    # and each review has its own label: the synthetic reviews end with a word of their sentiment
+    import fine_tune_lora
+
+    for split in fine_tune_lora.load_reviews(fine_tune_lora.parse_args(base_args(tiny_model, data))[0]):
+        assert split["label"] == [int(text.split()[-1] in POSITIVE) for text in split["text"]]
+        assert all(text.split()[-1] in POSITIVE + NEGATIVE for text in split["text"])
 
 
 def test_a_data_folder_named_like_a_file_format_is_read_as_that_folder(tiny_model, tmp_path, capsys, monkeypatch):
@@ -184,10 +193,11 @@ def test_a_cpu_run_of_hours_suggests_the_quick_run(tiny_model, reviews, tmp_path
             "--output_dir", tmp_path / "out"]
     process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
-    printed = []
+    printed, deadline = [], time.monotonic() + 300
     while not printed or not printed[-1].startswith("No GPU found"):
         printed.append(process.stdout.readline())
         assert printed[-1], "the script ended before its estimate"
+        assert time.monotonic() < deadline, printed
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
     estimate = printed[-1]
@@ -255,8 +265,10 @@ def test_another_kind_of_model_trains_and_predicts(tiny_llama, reviews, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fan_in_fan_out" not in done.stdout + done.stderr
     assert read_results(out)["trainable_params"] == 2 * 8 * (64 + 64) * 2 + 64 * 2  # 2 layers x (q, v) + score
-    predicted = run_main(capsys, "--output_dir", out, "--predict", "wonderful . overall superb")
-    assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].split()[0] in ("positive", "negative")
+    assert read_results(out)["accuracy"] > 0.8  # it learned the task
+    predicted = run_main(capsys, "--output_dir", out, "--predict", "wonderful . overall superb", "dull . overall awful")
+    assert predicted.returncode == 0 and [row.split()[0] for row in predicted.stdout.splitlines()[1:]] == [
+        "positive", "negative"], predicted.stdout
 
 
 def test_an_encoder_decoder_model_trains_and_predicts(tiny_model, reviews, tmp_path, capsys):
@@ -281,17 +293,36 @@ def test_an_encoder_decoder_model_trains_and_predicts(tiny_model, reviews, tmp_p
     done = run_main(capsys, *base_args(folder, reviews), "--target_modules", "q", "v", "--output_dir", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_results(out)["accuracy"] > 0.7
-    predicted = run_main(capsys, "--output_dir", out, "--predict", "wonderful . overall superb")
-    assert predicted.returncode == 0 and predicted.stdout.splitlines()[1].split()[0] in ("positive", "negative")
+    predicted = run_main(capsys, "--output_dir", out, "--predict", "wonderful . overall superb", "dull . overall awful")
+    assert predicted.returncode == 0 and [row.split()[0] for row in predicted.stdout.splitlines()[1:]] == [
+        "positive", "negative"], predicted.stdout
 
 
 def test_a_tracker_gets_the_logs(tiny_model, reviews, tmp_path, capsys):
-    """--report_to tensorboard: its event files are kept with the saved model."""
-    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "1", "--max_train_samples", "32",
-                    "--report_to", "tensorboard", "--output_dir", tmp_path / "out")
+    """--report_to tensorboard: its event files, with the training loss and the evaluation, are kept with the saved
+    model. (The run lasts over a second: TensorBoard names its files to the second, and the evaluation after the
+    training opens a file of its own.)"""
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--report_to", "tensorboard", "--output_dir",
+                    tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     events = list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))
-    assert events and all(event.stat().st_size > 0 for event in events)
+    logged = {value.tag: value.simple_value for event in events for value in tensorboard_values(event)}
+    assert logged.get("train/loss", 0) > 0 and 0 <= logged.get("eval/accuracy", -1) <= 1, sorted(logged.items())
+
+
+def tensorboard_values(path):
+    """The scalars in a TensorBoard event file: records of a length (8 bytes), its checksum, an Event, its checksum."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, values = Path(path).read_bytes(), []
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        event = Event.FromString(data[12:12 + length])
+        values += list(event.summary.value)
+        data = data[12 + length + 4:]
+    return values
 
 
 def test_help_lists_every_constant_with_default_and_comment(capsys, monkeypatch):
@@ -343,14 +374,19 @@ def test_a_max_length_beyond_the_model_is_capped_with_a_note_and_the_run_resumes
 def test_gradient_accumulation_is_the_same_training_as_a_bigger_batch(tiny_model, reviews, tmp_path, capsys):
     """BATCH_SIZE 8 x GRADIENT_ACCUMULATION_STEPS 4 updates on the same 32 reviews as BATCH_SIZE 32: the same loss,
     not one 4 times larger (what the README advises when memory runs out must not change the training)."""
-    losses = []
+    logs = []
     for name, sizes in (("accumulated", ["--batch_size", "8", "--gradient_accumulation_steps", "4"]),
                         ("one batch", ["--batch_size", "32"])):
         done = run_main(capsys, *base_args(tiny_model, reviews), *sizes, "--num_epochs", "1", "--learning_rate", "3e-4",
-                        "--group_by_length", "false", "--max_eval_samples", "16", "--output_dir", tmp_path / name)
+                        "--group_by_length", "false", "--max_train_samples", "64", "--max_eval_samples", "16",
+                        "--logging_steps", "1", "--output_dir", tmp_path / name)
         assert done.returncode == 0, done.stderr[-2000:]
-        losses.append(read_results(tmp_path / name)["train_loss"])
-    assert abs(losses[0] / losses[1] - 1) < 0.1, losses
+        history = json.loads((tmp_path / name / "log_history.json").read_text())
+        logs.append([(log["step"], log["loss"], log["grad_norm"]) for log in history if "grad_norm" in log])
+    # two updates of 32 reviews each, whose losses and gradients are those of one batch of 32 (dropout aside)
+    assert [step for step, _, _ in logs[0]] == [step for step, _, _ in logs[1]] == [1, 2], logs
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(*logs):
+        assert abs(loss_a / loss_b - 1) < 0.1 and abs(norm_a / norm_b - 1) < 0.2, logs
 
 
 def test_all_linear_top_blocks_and_dora_each_do_what_they_say_and_predict_and_merge(tiny_model, reviews, tmp_path,
@@ -405,9 +441,11 @@ def test_tokenized_reviews_are_cached_under_a_name_made_of_what_decides_them(tin
         calls.append(len(batch["text"]))
         return tokenizer(batch["text"], truncation=True, max_length=64)
 
-    for _ in range(2):
-        train.map(tokenize, batched=True, new_fingerprint=fine_tune_lora.cache_name(train, tokenizer, 64))
-    assert calls == [64]  # tokenized once; the second time, read from the cache
+    train.map(tokenize, batched=True, new_fingerprint=fine_tune_lora.cache_name(train, tokenizer, 61))
+    assert calls in ([64], [])  # tokenized, unless a run with these settings was cached before
+    calls.clear()
+    train.map(tokenize, batched=True, new_fingerprint=fine_tune_lora.cache_name(train, tokenizer, 61))
+    assert calls == []  # the same reviews, tokenizer and cut: read from the cache
     changed_tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     changed_tokenizer.add_tokens(["superbly"])
     cfg.max_train_samples = 63
