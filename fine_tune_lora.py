@@ -15,7 +15,6 @@ Every constant below can be set from the command line as --lowercase_name VALUE
 (--lora_r 16, --target_modules c_attn c_proj, --max_train_samples none); --help lists them all.
 The lesson is fine_tune(), in six numbered steps; nothing below the fence is needed to learn LoRA.
 """
-import _thread
 import argparse
 import ast
 import builtins
@@ -1112,11 +1111,11 @@ def one_line_on_stop_or_error():
     outcome = SimpleNamespace(parsed=(None, None), status=0)
     handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     STOP_ASKED.clear()
-    # Python prints and ignores an exception raised in a finalizer (__del__), so a Ctrl-C landing in one
-    # would wait for the next check: send it again, a moment later.
+    # Python prints and ignores an exception raised in a finalizer (__del__): a Ctrl-C landing in one is remembered
+    # instead, and stops the run at the next check. (Sent again from a thread, it could land after the run's end.)
     unraisable_hook = sys.unraisablehook
-    sys.unraisablehook = lambda event: (threading.Timer(0.01, _thread.interrupt_main).start()
-                                        if issubclass(event.exc_type, KeyboardInterrupt) else unraisable_hook(event))
+    sys.unraisablehook = lambda event: (STOP_ASKED.set() if issubclass(event.exc_type, KeyboardInterrupt)
+                                        else unraisable_hook(event))
     try:
         yield outcome
         stop_if_asked()  # swallowed in the last phase: the line says what was done

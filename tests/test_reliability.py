@@ -418,12 +418,24 @@ def step_and_collect(self, *args, **kwargs):
 ft.FastTrainer.training_step = step_and_collect
 sys.exit(ft.main(sys.argv[1:]))
 """
+# A busy machine, where every new thread starts its work two seconds late: a Ctrl-C that the script would send
+# again from a thread would land after the run, while Python exits.
+THREADS_LATE = """
+import threading, time
+start = threading.Thread.start
+def start_late(self):
+    run = self.run
+    self.run = lambda: (time.sleep(2), run())
+    start(self)
+threading.Thread.start = start_late
+"""
 
 
-def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(tiny_model, reviews, tmp_path):
+@pytest.mark.parametrize("threads", ["on time", "late"])
+def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(tiny_model, reviews, tmp_path, threads):
     out = tmp_path / "out"
     args = [*base_args(tiny_model, reviews), "--num_epochs", "1", "--save_steps", "2", "--output_dir", out]
-    done = run_patched(CTRL_C_IN_A_FINALIZER, args)
+    done = run_patched((THREADS_LATE if threads == "late" else "") + CTRL_C_IN_A_FINALIZER, args)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: Stopped; the last checkpoint is ")
     assert not (out / "results.json").exists()
