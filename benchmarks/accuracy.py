@@ -41,7 +41,7 @@ STUDIES = {
               ["--learning_rate 3e-4", "--learning_rate 1e-3", "--full_finetune true"]),
     # {attention} and {half} are filled in for the model: its attention projections, half its blocks
     "settings": ("What each setting buys, on the quick run", ["--logging_steps", "25", "--max_eval_samples", "1000"],
-                 ["", "--max_length 128", "--lora_top_blocks {half}", "--max_length 128 --lora_top_blocks {half}",
+                 ["", "--lora_top_blocks {half}", "--max_length 128", "--max_length 128 --lora_top_blocks {half}",
                   "--lora_r 4 --lora_alpha 8", "--lora_r 16 --lora_alpha 32", "--target_modules {attention}",
                   "--target_modules all-linear", "--use_dora true"]),
 }
@@ -69,7 +69,8 @@ def hardware():
     if cpuinfo.exists():  # Linux names the CPU here; platform.processor() often says only "x86_64"
         name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                      if line.startswith("model name")), name)
-    return f"{torch.get_num_threads()} CPU threads ({name})"
+    # The vector instructions PyTorch uses on this CPU too: one name ("AMD EPYC") covers machines of different speeds
+    return f"{torch.get_num_threads()} CPU threads ({name}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def run_study(name, args, extra, out):
