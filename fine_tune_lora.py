@@ -1253,11 +1253,18 @@ def estimate_cpu_time(cfg, setup, trainer):
             started = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "bf16"):
                 model(**batch).loss.backward()
-    seconds = time.perf_counter() - started
-    model.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        model.zero_grad(set_to_none=True)
+        # Evaluation runs forward only: about a third of a training step when the backward pass goes through
+        # every block, about half when only the top half of them is adapted (LORA_TOP_BLOCKS). So it is timed too.
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "bf16"):
+            started = time.perf_counter()
+            model(**batch)
+            per_review = (time.perf_counter() - started) / len(batch["labels"])
+        model.train()
     batches = math.ceil(len(train) / cfg.batch_size / setup.world) * cfg.num_epochs
-    # An evaluation step needs no backward pass: about a third of a training step per review.
-    evaluations = cfg.num_epochs * len(trainer.eval_dataset) * seconds / len(batch["labels"]) / 3
+    evaluations = cfg.num_epochs * len(trainer.eval_dataset) * per_review
     return seconds * cfg.gradient_accumulation_steps, batches * seconds + evaluations
 
 
