@@ -1225,6 +1225,7 @@ def describe_run(cfg, setup, trainer):
           f"{trainer.args.learning_rate:g}")
     if setup.device == "cpu" and not setup.resume_from:
         step_seconds, seconds = estimate_cpu_time(cfg, setup, trainer)
+        trainer.cpu_estimate = {"estimated_step_seconds": step_seconds, "estimated_run_seconds": seconds}
         sizes = {"max_train_samples": n_train, "max_eval_samples": n_test, "num_epochs": cfg.num_epochs,
                  "max_length": cfg.max_length}
         bigger = seconds > 30 * 60 and any(size > QUICK_RUN[key] for key, size in sizes.items())
@@ -1297,6 +1298,8 @@ def collect_results(cfg, setup, trainer, trained, metrics):
         # Loading, tokenizing, training and evaluating (not the imports before, nor the save after: seconds)
         "run_seconds": None if setup.resume_from else time.monotonic() - setup.started,
         "eval_samples_per_second": metrics.get("eval_samples_per_second"),
+        # The CPU estimate printed before training, to set beside run_seconds (a GPU run, or a resumed one, has none)
+        **getattr(trainer, "cpu_estimate", {"estimated_step_seconds": None, "estimated_run_seconds": None}),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if setup.device == "cuda" else None,
         "peak_process_memory_gb": peak / 1e9 if peak else None,
         "device": setup.device_name, "training_precision": setup.precision, "processes": setup.world, "config": vars(cfg),

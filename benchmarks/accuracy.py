@@ -107,16 +107,19 @@ def run_study(name, args, extra, out):
 def variant_table(results):
     """One line per run: what it reached (with the noise of an accuracy measured on so many reviews), in how long
     and how much memory, and what it saves."""
-    lines = ["| variant | accuracy | F1 | trainable parameters | training | whole run | peak process memory | adapter |",
-             "| --- " * 8 + "|"]
+    lines = ["| variant | accuracy | F1 | trainable parameters | training | whole run | CPU estimate (its step) | "
+             "peak process memory | adapter |", "| --- " * 9 + "|"]
     for name, run in results.items():
         p, n = run["accuracy"], run["eval_samples"]
         noise = 2 * math.sqrt(p * (1 - p) / n)  # two standard errors: 95% of such measurements fall within it
         whole = f"{run['run_seconds'] / 60:.1f} min" if run.get("run_seconds") else "n/a"
         memory = f"{run['peak_process_memory_gb']:.2f} GB" if run.get("peak_process_memory_gb") else "n/a"
+        # What the script foresaw, from the step it timed just before: this machine's speed of the moment
+        estimate = (f"{run['estimated_run_seconds'] / 60:.0f} min ({run['estimated_step_seconds']:.1f} s)"
+                    if run.get("estimated_run_seconds") else "n/a")
         saved = run.get("saved_weights_mb", run.get("adapter_size_mb"))  # (its name in results.json until 2026-12)
         lines.append(f"| {name} | {p:.3f} ± {noise:.3f} | {run['f1']:.3f} | {run['trainable_params']:,} | "
-                     f"{run['train_seconds'] / 60:.1f} min | {whole} | {memory} | {saved:.2f} MB |")
+                     f"{run['train_seconds'] / 60:.1f} min | {whole} | {estimate} | {memory} | {saved:.2f} MB |")
     n = next(iter(results.values()))["eval_samples"]
     return "\n".join(lines) + (f"\n\n± is two standard errors of an accuracy measured on {n:,} test reviews: a "
                                f"difference inside it is not a finding.")

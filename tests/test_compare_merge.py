@@ -246,10 +246,12 @@ def test_the_settings_study_table_has_a_line_per_variant_with_the_noise_of_its_a
 
     run = dict(accuracy=0.9, eval_samples=1000, f1=0.89, trainable_params=461952, train_seconds=1800,
                peak_process_memory_gb=5.04)
-    table = accuracy.variant_table({"": {**run, "run_seconds": 2400, "saved_weights_mb": 1.86},
+    table = accuracy.variant_table({"": {**run, "run_seconds": 2400, "saved_weights_mb": 1.86,
+                                         "estimated_run_seconds": 2700, "estimated_step_seconds": 10.04},
                                     "--lora_r 4 --lora_alpha 8": {**run, "accuracy": 0.5, "adapter_size_mb": 0.93}})
     lines = table.splitlines()
-    assert lines[2] == "|  | 0.900 ± 0.019 | 0.890 | 461,952 | 30.0 min | 40.0 min | 5.04 GB | 1.86 MB |"
-    assert lines[3] == ("| --lora_r 4 --lora_alpha 8 | 0.500 ± 0.032 | 0.890 | 461,952 | 30.0 min | n/a | 5.04 GB | "
-                        "0.93 MB |")
+    assert lines[2] == ("|  | 0.900 ± 0.019 | 0.890 | 461,952 | 30.0 min | 40.0 min | 45 min (10.0 s) | 5.04 GB | "
+                        "1.86 MB |")
+    assert lines[3] == ("| --lora_r 4 --lora_alpha 8 | 0.500 ± 0.032 | 0.890 | 461,952 | 30.0 min | n/a | n/a | "
+                        "5.04 GB | 0.93 MB |")
     assert "1,000 test reviews" in table

@@ -39,6 +39,10 @@ def test_training_learns_and_saves_adapter_and_results(trained):
     assert "Found 240 train and 120 test reviews" in done.stdout
     # a run of seconds gets its estimate, and no advice to make it quicker
     assert "No GPU found" in done.stdout and "For a quick run" not in done.stdout
+    # and results.json keeps it, as printed, beside the time the run took
+    printed = re.search(r"One step takes about ([\d.e-]+) s here, so this run needs roughly (\d+) s", done.stdout)
+    assert printed.groups() == (f"{results['estimated_step_seconds']:.2g}",
+                                f"{max(results['estimated_run_seconds'], 1):.0f}"), results
     assert re.search(r"^accuracy\s+0\.9\d+$", done.stdout, re.M)
     # the attention mask is left out on purpose (exact for GPT-2, tested): no warning about it
     assert "attention_mask" not in done.stdout + done.stderr
