@@ -98,12 +98,12 @@ MAX_LENGTH: int = 512  # tokens kept per review; IMDB's median review is 222 tok
 MAX_TRAIN_SAMPLES: int | None = None  # None = all 25,000; a random 2000 makes a quick run
 MAX_EVAL_SAMPLES: int | None = None  # None = all 25,000; with 1000, accuracy near 90% is known to about +-2 points
 # LoRA
-LORA_R: int = 8  # rank of the update; 4-16 is typical, higher learns more and saves a bigger adapter
+LORA_R: int = 8  # rank of the update; 4-16 is typical: it sets the adapter's size (in a short run, not its accuracy)
 LORA_ALPHA: int = 16  # the update is scaled by alpha / r; keep alpha = 2 * r when you change r
 LORA_DROPOUT: float = 0.05  # dropout on the adapter's input; 0.0-0.1
-TARGET_MODULES: list = ["c_attn"]  # GPT-2 layers that get an adapter; add c_proj c_fc for more capacity; all-linear: all
+TARGET_MODULES: list = ["c_attn"]  # GPT-2 layers to adapt (c_attn: query, key, value); more: c_proj c_fc, all-linear
 LORA_TOP_BLOCKS: int | None = None  # None: every block gets adapters; 6: only the top 6 (the backward pass stops there)
-USE_DORA: bool = False  # True: DoRA, which also trains each adapted weight's magnitude; slower
+USE_DORA: bool = False  # True: DoRA, which also trains each adapted weight's magnitude (its length)
 # training
 LEARNING_RATE: float = 3e-4  # for the adapter; 1e-4 to 1e-3 is usual for LoRA (higher for short runs), too high diverges
 BATCH_SIZE: int = 8  # reviews per step on each GPU; halve it (and double the next line) if you run out of memory
