@@ -157,8 +157,9 @@ def fine_tune(cfg):
     with loading("--model_name", cfg.model_name):
         # GPT-2 with a new two-class head, in float32 to train (else transformers 5 keeps the saved dtype, bf16 for some)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model_name, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, dtype=torch.float32)
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model_name, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, dtype=torch.float32,
+            output_loading_info=True)  # which weights were not in the checkpoint: the new head, `score` on GPT-2
     # GPT-2 was trained without padding, so it has no pad token, and batches need one. The end-of-text
     # token will do: it goes after each review, where no real token attends to it. The model must know
     # it too: it classifies a review from its last token that is not padding, found by this id.
@@ -169,7 +170,9 @@ def fine_tune(cfg):
     # 2. Add a LoRA adapter
     if not cfg.full_finetune:  # (--full_finetune trains all the weights instead, to compare)
         lora_config = LoraConfig(
-            task_type="SEQ_CLS",  # GPT-2 has no sentiment head: the new one, `score`, is trained and saved too
+            task_type="SEQ_CLS",  # sequence classification
+            # GPT-2 has no sentiment head: the new one, `score`, is trained and saved too (as is any other new weight)
+            modules_to_save=new_modules(model, loading_info),
             r=cfg.lora_r,  # each adapted weight W becomes W + (alpha / r) * B @ A, with A: r x in, B: out x r
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
@@ -637,6 +640,24 @@ def max_tokens(cfg, model):  # MAX_LENGTH, or the most tokens the model can read
 
 def max_positions(model):  # the most tokens the model can read; no limit given: relative positions, as T5's
     return getattr(model.config, "max_position_embeddings", math.inf)
+
+def new_modules(model, loading_info):
+    """The modules whose weights the checkpoint lacked, made at load, each named whole: GPT-2's `score`, DeBERTa's
+    `pooler` and `classifier`, T5's `classification_head`. get_peft_model freezes every weight but LoRA's, and PEFT
+    saves only the heads it knows by name (`score`, `classifier`): any other new module would stay at its random
+    start, unsaved, and each reload would draw it anew. As modules_to_save, each is trained and saved whole."""
+    new = set(loading_info["missing_keys"]) & {name for name, _ in model.named_parameters()}
+    names = []
+    for name, module in model.named_modules():  # parents first: a module wholly new is named, not its parts
+        weights = {f"{name}.{weight}".lstrip(".") for weight, _ in module.named_parameters()}
+        if weights and weights <= new and not any(name.startswith(f"{done}.") for done in names):
+            names.append(name)
+    sizes = {name: weight.numel() for name, weight in model.named_parameters() if name in new}
+    if (share := sum(sizes.values()) / model.num_parameters()) > 0.5:  # LoRA on random weights learns little
+        raise UserError(f"--model_name {model.name_or_path}: {share:.0%} of the model's weights are missing from its "
+                        f"checkpoint (such as {max(sizes, key=sizes.get)}), so it would train from random weights; "
+                        f"give the folder or Hub id of a pretrained model")
+    return names
 
 def is_conv1d(model, names):  # GPT-2's layers; most other models use nn.Linear
     return any(isinstance(module, Conv1D) for name, module in model.named_modules()
@@ -1362,9 +1383,12 @@ def write_model_card(folder, name, results, merged_from=None):
     top = f" of the top {plural(cfg['lora_top_blocks'], 'block')}" if cfg.get("lora_top_blocks") else ""
     how = (f"{'DoRA' if cfg.get('use_dora') else 'LoRA'}, r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout "
            f"{cfg['lora_dropout']}, on {targets}{top}" if results["method"] == "lora" else "full fine-tuning")
-    load = ('from peft import AutoPeftModelForSequenceClassification as Model', ', id2label={0: "negative", 1: '
-            '"positive"}, pad_token_id=tokenizer.pad_token_id') if lora else (
-        "from transformers import AutoModelForSequenceClassification as Model", "")
+    # An adapter's pipeline loads the base model's config and tokenizer, which know neither the labels nor a pad token.
+    where = "# this folder, or its Hub id once uploaded"
+    load = (f'tokenizer = AutoTokenizer.from_pretrained("{name}")  {where}\n'
+            f'classifier = pipeline("text-classification", model="{name}", tokenizer=tokenizer, model_kwargs={{\n'
+            f'    "id2label": {{0: "negative", 1: "positive"}}, "pad_token_id": tokenizer.pad_token_id}})'
+            ) if lora else f'classifier = pipeline("text-classification", model="{name}")  {where}'
     body = f"""
 # {name}
 
@@ -1379,13 +1403,11 @@ On {results['eval_samples']:,} test reviews: accuracy {results['accuracy']:.4f},
 {results['precision']:.4f}, recall {results['recall']:.4f}.
 
 ```python
-from transformers import AutoTokenizer
-{load[0]}
+from transformers import {"AutoTokenizer, " * lora}pipeline
 
-path = "{name}"  # this folder, or its Hub id once uploaded
-tokenizer = AutoTokenizer.from_pretrained(path)
-model = Model.from_pretrained(path{load[1]})
-print(model(**tokenizer(["A wonderful film."], return_tensors="pt")).logits.softmax(-1))  # negative, positive
+{load}
+print(classifier(["A wonderful film.", "Two hours I will never get back."], batch_size=8, truncation=True,
+                 max_length={results.get('max_length', cfg['max_length'])}))  # longer reviews are cut
 ```
 """
     ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(folder / "README.md")

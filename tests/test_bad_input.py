@@ -310,3 +310,20 @@ def test_the_version_check_and_requirements_txt_agree():
     requirements = (fine_tune_lora.Path(fine_tune_lora.__file__).parent / "requirements.txt").read_text()
     for name, minimum in fine_tune_lora.check_versions.__defaults__[0].items():
         assert f"\n{name}>={minimum}" in requirements, name
+
+
+def test_a_checkpoint_without_the_models_weights_is_named_before_training(tiny_model, reviews, tmp_path, capsys):
+    """A folder whose weights are not this model's (renamed, or another model's): every weight would be new and
+    random, and LoRA would train on noise. One line instead."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({f"encoder.{name}": tensor for name, tensor in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    status, errors = run_main(capsys, *base_args(folder, reviews), "--output_dir", tmp_path / "out")
+    assert status == 1 and len(errors) == 1, errors
+    assert "100% of the model's weights are missing from its checkpoint (such as transformer.wte.weight)" in errors[0]
+    assert "train from random weights; give the folder or Hub id of a pretrained model" in errors[0]
+    assert not (tmp_path / "out" / "checkpoints").exists()

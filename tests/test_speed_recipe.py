@@ -318,6 +318,39 @@ def test_batches_come_the_same_from_workers_started_as_on_windows_and_python_3_1
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+# The script with the GPU's data loading on the CPU: what hardware_arguments gives a GPU run, 2 loader workers.
+WITH_WORKERS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fine_tune_lora
+arguments = fine_tune_lora.hardware_arguments
+fine_tune_lora.hardware_arguments = lambda cfg, setup: {**arguments(cfg, setup), "dataloader_num_workers": 2}
+sys.exit(fine_tune_lora.main(sys.argv[2:]))
+"""
+
+
+def test_loader_workers_start_without_the_tokenizers_fork_warning(tiny_model, tmp_path):
+    """On a GPU, 2 workers are forked to prepare the batches, after the tokenizers ran in parallel (a first run: its
+    reviews not tokenized before). tokenizers before 0.22.2 printed a "process just got forked" warning there; the
+    releases transformers 5.17 and later require turn their parallelism off in the workers silently
+    (huggingface/tokenizers#1898). The run is as a user's: TOKENIZERS_PARALLELISM not set."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, base_args, write_split_files
+
+    env = {key: value for key, value in os.environ.items() if key != "TOKENIZERS_PARALLELISM"}
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "cache")  # a first run: the reviews are tokenized in this process
+    data = write_split_files(tmp_path / "reviews", "parquet")
+    done = subprocess.run([sys.executable, "-c", WITH_WORKERS, str(ROOT), *base_args(tiny_model, data),
+                           "--num_epochs", "1", "--output_dir", tmp_path / "out"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert "tokenizers" not in done.stderr and "forked" not in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("hardware_bf16, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, hardware_bf16, expected):
     """A GPU before Ampere (a T4, a V100) can only emulate bf16, slowly; there "auto" means fp16.

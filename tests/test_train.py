@@ -275,33 +275,6 @@ def test_another_kind_of_model_trains_and_predicts(tiny_llama, reviews, tmp_path
         "positive", "negative"], predicted.stdout
 
 
-def test_an_encoder_decoder_model_trains_and_predicts(tiny_model, reviews, tmp_path, capsys):
-    """A T5: its config gives no maximum length (relative positions), and its evaluation returns the encoder's
-    states beside the logits."""
-    import torch
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer, T5Config, T5ForSequenceClassification
-
-    folder = tmp_path / "tiny-t5"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # T5 classifies from the end-of-text token it appends
-    eos = tokenizer.eos_token_id
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {tokenizer.eos_token}",
-                                                                    special_tokens=[(tokenizer.eos_token, eos)])
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    T5ForSequenceClassification(T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
-    out = tmp_path / "t5"
-    done = run_main(capsys, *base_args(folder, reviews), "--target_modules", "q", "v", "--output_dir", out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert read_results(out)["accuracy"] > 0.7
-    predicted = run_main(capsys, "--output_dir", out, "--predict", "wonderful . overall superb", "dull . overall awful")
-    assert predicted.returncode == 0 and [row.split()[0] for row in predicted.stdout.splitlines()[1:]] == [
-        "positive", "negative"], predicted.stdout
-
-
 def test_a_tracker_gets_the_logs(tiny_model, reviews, tmp_path, capsys):
     """--report_to tensorboard: its event files, with the training loss and the evaluation, are kept with the saved
     model. (The run lasts over a second: TensorBoard names its files to the second, and the evaluation after the
