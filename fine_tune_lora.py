@@ -47,7 +47,7 @@ try:
 except ImportError:
     resource = None
 
-def check_versions(needed={"torch": "2.11", "transformers": "5.17", "datasets": "5.2", "peft": "0.21", "accelerate": "1.15"}):
+def check_versions(needed={"torch": "2.11", "transformers": "5.18", "datasets": "5.2", "peft": "0.21", "accelerate": "1.15"}):
     """Older releases fail late, with a traceback (transformers 4 after tokenizing every review): say so at once."""
     if sys.version_info < (3, 10):
         sys.exit(f"error: this script needs Python 3.10 or newer, as transformers 5 does; this is {sys.version.split()[0]}")
@@ -763,7 +763,8 @@ def speed_up(model, tokenizer, cfg, setup):
     if cfg.cuda_graphs and (why_not := why_no_step_graphs(cfg, setup, no_mask)):
         print(f"CUDA_GRAPHS: not used, {why_not}; the steps run as usual")
     elif cfg.cuda_graphs:  # FastTrainer finds them on the model
-        model.step_graphs = StepGraphs(model, cfg.batch_size, tokenizer.pad_token_id, setup.precision)
+        model.step_graphs = StepGraphs(model, cfg.batch_size, tokenizer.pad_token_id, setup.precision,
+                                       max_tokens(cfg, model))
 
 def why_no_step_graphs(cfg, setup, no_mask):
     """Why the training steps cannot be replayed as CUDA graphs here, or None."""
@@ -777,39 +778,47 @@ def why_no_step_graphs(cfg, setup, no_mask):
                (cfg.gradient_accumulation_steps > 1, "as they cannot accumulate gradients over several batches")]
     return next((reason for applies, reason in reasons if applies), None)
 
-class StepGraphs:
-    """A training batch's forward and backward passes as CUDA graphs (torch.cuda.make_graphed_callables):
-    recorded the first time a batch of that shape comes, then replayed, so that the GPU gets a step's ~700
-    kernels in two launches instead of waiting for Python to launch each. The batches are padded after the
-    text to a multiple of 64 for it, at most 8 shapes up to 512 tokens: GPT-2 reads neither the pads nor the
-    mask (see speed_up), so each review's loss is the same. A shorter batch (an epoch's last) and the
-    evaluation run as usual. Dropout draws anew at each replay (CUDA graphs advance the random generator).
-    All graphs share one memory pool: a step's two graphs replay back to back, so none overwrites memory
-    that another still needs."""
+class StepGraphs(TrainerCallback):
+    """A batch's training loss, forward and backward passes, as CUDA graphs (torch.cuda.make_graphed_callables),
+    replayed, so that the GPU gets a step's ~700 kernels in two launches instead of waiting for Python to launch
+    each. The batches are padded after the text to a multiple of 64 for it, at most 8 shapes up to 512 tokens:
+    GPT-2 reads neither the pads nor the mask (see speed_up), so each review's loss is the same. Each shape is
+    recorded when training begins, before the data loader starts: its pin-memory thread makes CUDA calls, which
+    would fail a recording (torch records in its "global" mode, which refuses them from any thread). A shorter
+    batch (an epoch's last) and the evaluation run as usual. Dropout draws anew at each replay (CUDA graphs
+    advance the random generator). All graphs share one memory pool: a step's two graphs replay back to back,
+    so none overwrites memory that another still needs."""
 
     multiple = 64
 
-    def __init__(self, model, batch_size, pad_token_id, precision):
+    def __init__(self, model, batch_size, pad_token_id, precision, max_tokens):
         self.model, self.batch_size, self.pad, self.limit = model.get_base_model(), batch_size, pad_token_id, \
             max_positions(model)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.lengths = range(self.multiple, self.length(max_tokens) + 1, self.multiple)
         self.graphs, self.pool = {}, None
 
     def length(self, tokens):  # the recorded length a batch of this many tokens is padded to
         return min(math.ceil(tokens / self.multiple) * self.multiple, self.limit)
 
+    def on_train_begin(self, args, state, control, **kwargs):  # (the Trainer has put the model on the GPU)
+        device = next(self.model.parameters()).device
+        for length in self.lengths:  # any tokens will do: a replay copies the batch's into the recorded inputs
+            batch = (torch.full((self.batch_size, length), self.pad, device=device),
+                     torch.ones(self.batch_size, length, dtype=torch.long, device=device),
+                     torch.zeros(self.batch_size, dtype=torch.long, device=device))
+            self.graphs[length] = self.record(BatchLoss(self.model, self.dtype), batch)
+
     def loss(self, inputs):
-        """The batch's loss from the graphs of its shape, recorded now if it is the first; None for a batch
-        that runs as usual."""
-        if len(inputs["input_ids"]) != self.batch_size or set(inputs) != {"input_ids", "attention_mask", "labels"}:
-            return None
+        """The batch's loss from the graphs of its shape; None for a batch that runs as usual."""
         tokens = inputs["input_ids"].shape[1]
         length = self.length(tokens)
+        if (len(inputs["input_ids"]) != self.batch_size or set(inputs) != {"input_ids", "attention_mask", "labels"}
+                or length not in self.graphs):
+            return None
         batch = (torch.nn.functional.pad(inputs["input_ids"], (0, length - tokens), value=self.pad),
                  torch.nn.functional.pad(inputs["attention_mask"], (0, length - tokens)), inputs["labels"])
-        if length not in self.graphs:
-            self.graphs[length] = self.record(BatchLoss(self.model, self.dtype), batch)
-        return self.graphs[length](*batch)
+        return self.graphs[length](*batch)  # (the recorded output, which the next replay overwrites)
 
     def record(self, module, batch):
         self.pool = self.pool or torch.cuda.graph_pool_handle()
@@ -872,6 +881,8 @@ class FastTrainer(Trainer):
         # The logits only, for the metrics: an encoder-decoder (T5) returns its encoder's states beside them.
         super().__init__(model, args, preprocess_logits_for_metrics=lambda logits, labels: logits[0] if isinstance(
             logits, tuple) else logits, **kwargs)
+        if step_graphs := getattr(model, "step_graphs", None):  # CUDA_GRAPHS: recorded as training begins
+            self.add_callback(step_graphs)
         # GPT-2's classification loss is the mean over its own batch; the Trainer, seeing its forward take
         # **kwargs, would take it for a sum over the accumulated batches, and neither divide it by
         # GRADIENT_ACCUMULATION_STEPS: the loss logged and the gradients would be that many times too large.

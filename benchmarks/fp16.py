@@ -1,7 +1,8 @@
 """
 The GPUs most beginners have (a T4 on Colab or Kaggle, a V100) compute no bf16, so PRECISION = "auto"
 trains there in fp16: the frozen weights stored in fp16 and a gradient scaler. Does that path train as
-bf16 does, and what do LoRA and full fine-tuning each cost on this GPU? One command answers both:
+bf16 does, and what do LoRA and full fine-tuning each cost on this GPU? One command answers both (on the GPU
+machine, gpu_checks.py runs it as its second section):
 
     python benchmarks/fp16.py --tokenizer ./gpt2 --dataset ./imdb --json fp16.json
 
@@ -60,35 +61,41 @@ def settings(args, model, out, *extra):
             "--output_dir", out, "--full_output_dir", out + "-full", *extra]
 
 
+class CountSkippedSteps(ft.TrainerCallback):
+    """The optimizer steps the gradient scaler skipped for an overflow (inf or NaN in the gradients), read from
+    its scale, which it lowers after each skip and raises only after 2,000 steps without one. accelerate's own
+    flag (optimizer_step_was_skipped) cannot tell: with the fused AdamW the Trainer takes on torch 2.8 and later,
+    the optimizer skips the update itself and the flag stays False (huggingface/accelerate#4242). Reading the
+    scale makes the CPU wait for the GPU at each step, which a check can afford."""
+
+    def __init__(self, trainer):
+        self.trainer, self.skipped, self.scales = trainer, [], []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if (scaler := self.trainer.accelerator.scaler) is not None:  # (bf16 and fp32 have none)
+            self.scales.append(scaler.get_scale())  # what this step's gradients were multiplied by
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # after the step and the scaler's update
+        if (scaler := self.trainer.accelerator.scaler) is not None and scaler.get_scale() < self.scales[-1]:
+            self.skipped.append(state.global_step + 1)  # (the Trainer counts the step after this)
+
+
 def run_precision(args):
     """Train in one precision (in this process), count the skipped optimizer steps, reload what was saved."""
     import torch
 
-    skipped, scales = [], []
+    counters, watch_training = [], ft.watch_training
 
-    class CountSkippedSteps(ft.TrainerCallback):
-        """accelerate knows, after each optimizer step, whether the gradient scaler skipped it (inf or NaN
-        in the gradients); the scale itself is read back from the GPU, which a check can afford."""
+    def watched(cfg, setup, trainer):
+        watch_training(cfg, setup, trainer)
+        counters.append(CountSkippedSteps(trainer))
+        trainer.add_callback(counters[-1])
 
-        def __init__(self, trainer):
-            self.trainer = trainer
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            accelerator = self.trainer.accelerator
-            if accelerator.optimizer_step_was_skipped:
-                skipped.append(state.global_step + 1)
-            if accelerator.scaler is not None:
-                scales.append(accelerator.scaler.get_scale())
-
-    class CountingTrainer(ft.FastTrainer):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.add_callback(CountSkippedSteps(self))
-
-    ft.FastTrainer = CountingTrainer
+    ft.watch_training = watched
     cfg, _ = ft.parse_args(settings(args, args.model_folder, args.out, "--precision", args.child, "--save_steps",
                                     "0", "--logging_steps", "10", "--resume", "false"))
     results = ft.fine_tune(cfg)
+    skipped, scales = counters[0].skipped, counters[0].scales
     history = json.loads((Path(args.out) / "log_history.json").read_text())
     # The saved adapter, loaded as --predict loads it (fp32), classifies the same test reviews again.
     model, tokenizer = ft.load_saved_model(args.out)
@@ -158,7 +165,11 @@ def main():
         head = (f"{datetime.date.today()}, {device}; Python {sys.version.split()[0]}, {versions}\nmodel: {note}; "
                 f"{args.train_samples:,} train / {args.eval_samples:,} eval reviews from {args.dataset}, 1 epoch, "
                 f"batch {ft.BATCH_SIZE}, max length {args.max_length}")
-        rows = []
+        rows, comparison = [], None
+
+        def write():  # after each run, so that a stop later still leaves these
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(header=head, rows=rows, comparison=comparison), indent=2))
         for precision in args.precisions:
             print(f"\n===== {precision} =====", flush=True)
             output, status = speed.child_process([sys.executable, __file__, *sys.argv[1:], "--child", precision,
@@ -166,7 +177,7 @@ def main():
             print(output, end="", flush=True)
             row = next((json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")), None)
             rows.append(row or dict(precision=precision, failed=f"exit status {status}" if status else "timed out"))
-        comparison = None
+            write()
         if args.compare:
             print("\n===== LoRA against full fine-tuning =====", flush=True)
             command = [sys.executable, str(Path(ft.__file__)), *settings(args, model, str(workdir / "lora")), "--compare"]
@@ -177,8 +188,7 @@ def main():
         report = "\n\n".join(filter(None, [head, summary_table(rows), loss_table(rows),
                                            comparison and f"LoRA against full fine-tuning:\n\n{comparison}"]))
         print("\n" + report)
-        if args.json:
-            Path(args.json).write_text(json.dumps(dict(header=head, rows=rows, comparison=comparison), indent=2))
+        write()
         if any("failed" in row for row in rows) or (comparison or "").startswith("failed"):
             sys.exit(1)
     finally:

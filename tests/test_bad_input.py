@@ -289,8 +289,8 @@ def test_libraries_too_old_are_named_before_anything_loads(tmp_path):
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     done = run_script("--help", env={"PYTHONPATH": str(tmp_path)})
     assert done.returncode == 1 and "Traceback" not in done.stderr and not done.stdout
-    assert done.stderr.strip() == ('error: this script needs transformers >= 5.17 (found 4.57.6), peft >= 0.21 (found '
-                                   '0.17.1); run: pip install -U "transformers>=5.17" "peft>=0.21"')
+    assert done.stderr.strip() == ('error: this script needs transformers >= 5.18 (found 4.57.6), peft >= 0.21 (found '
+                                   '0.17.1); run: pip install -U "transformers>=5.18" "peft>=0.21"')
 
 
 def test_python_too_old_is_named_before_anything_loads():

@@ -332,7 +332,7 @@ sys.exit(fine_tune_lora.main(sys.argv[2:]))
 def test_loader_workers_start_without_the_tokenizers_fork_warning(tiny_model, tmp_path):
     """On a GPU, 2 workers are forked to prepare the batches, after the tokenizers ran in parallel (a first run: its
     reviews not tokenized before). tokenizers before 0.22.2 printed a "process just got forked" warning there; the
-    releases transformers 5.17 and later require turn their parallelism off in the workers silently
+    releases transformers 5.18 and later require turn their parallelism off in the workers silently
     (huggingface/tokenizers#1898). The run is as a user's: TOKENIZERS_PARALLELISM not set."""
     import os
     import subprocess
@@ -497,30 +497,41 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_done_with_a_warning(monkeypatch, 
         assert ("this CPU has no bf16 arithmetic" in capsys.readouterr().out) == warned
 
 
-def test_the_fp16_check_trains_counts_skipped_steps_reloads_and_compares(tiny_model, reviews, tmp_path):
-    """benchmarks/fp16.py, the prepared GPU check of the fp16 path and of LoRA against full fine-tuning, tried
-    here as its device command would run (fp32 stands in for fp16 on a CPU): one row per precision, with the
-    steps the gradient scaler skipped, the saved adapter reloaded and classifying as the run evaluated, and the
-    --compare table after."""
+def test_the_gpu_checks_run_section_by_section_each_within_its_budget(tiny_model, reviews, tmp_path):
+    """benchmarks/gpu_checks.py, the one command prepared for the GPU machine, tried with --tiny as its test:
+    the sections in order, each within its budget; one given too little time (speed, 5 s) is stopped at it, and
+    those before it and after it leave their files. On a CPU fp32 stands in for fp16 and the graphs are not used:
+    fp16's row has no scaler and no skipped step, its saved adapter reloads to the accuracy the run evaluated,
+    and the three exactness runs (two usual, one asking for the graphs) agree."""
     import json
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    report = tmp_path / "fp16.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp16.py"), "--model", str(tiny_model),
-                           "--dataset", str(reviews), "--train_samples", "48", "--eval_samples", "32",
-                           "--max_length", "64", "--json", str(report)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_checks.py"), "--tokenizer", str(tiny_model),
+                           "--dataset", str(reviews), "--out", str(out), "--tiny", "--budget", "speed=5"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(report.read_text())
-    (row,) = result["rows"]
+    sections = json.loads((out / "sections.json").read_text())
+    assert list(sections) == ["smoke", "fp16", "speed", "exactness"]
+    assert {name: section["ended"] for name, section in sections.items()} == {
+        "smoke": "done", "fp16": "done", "speed": "stopped at its budget", "exactness": "done"}
+    assert all(section["seconds"] <= section["budget"] + 2 for section in sections.values()), sections
+    assert json.loads((out / "smoke.json").read_text())["smoke"] == {
+        "skipped": "CUDA_GRAPHS is not used here (no CUDA GPU)"}
+    fp16 = json.loads((out / "fp16.json").read_text())
+    (row,) = fp16["rows"]
     assert row["precision"] == "fp32" and row["steps"] == 6 and row["skipped_steps"] == [] and row["scales"] == []
-    # the adapter as saved, loaded as --predict loads it, classifies the test reviews as the run's evaluation did
-    assert row["reloaded_accuracy"] == pytest.approx(row["accuracy"])
-    assert "| fp32 | 6 | 0 | none (no scaler) |" in done.stdout
-    assert "| trainable parameters |" in result["comparison"] and "| LoRA | full fine-tuning |" in result["comparison"]
+    assert row["reloaded_accuracy"] == pytest.approx(row["accuracy"])  # the saved adapter, as --predict loads it
+    assert "| trainable parameters |" in fp16["comparison"] and "| LoRA | full fine-tuning |" in fp16["comparison"]
+    exactness = json.loads((out / "exactness.json").read_text())["exactness"]
+    assert list(exactness) == ["usual", "usual again", "graphs"]
+    assert len({json.dumps(run["steps"]["losses"]) for run in exactness.values()}) == 1  # no graphs on a CPU
+    summary = (out / "summary.md").read_text()
+    assert "## speed: stopped at its budget (5 s of 5)" in summary and "| fp32 | 6 | 0 | none (no scaler) |" in summary
+    assert "the graphed run from the first by 0.00e+00" in summary and ": within" in summary
     assert not list(tmp_path.glob("comparison.*"))  # --compare wrote its table in a folder of its own
 
 
@@ -549,14 +560,21 @@ def test_steps_recorded_once_per_padded_length_and_replayed_learn_as_the_usual_s
                                                                                      monkeypatch):
     """What CUDA_GRAPHS records, tried without a GPU: the step's loss module (BatchLoss) runs here as itself
     where a GPU would record and replay it. Full batches are padded to a multiple of 64 and get one recording per
-    length; the epoch's last, shorter batch runs as usual; and the run learns exactly what the usual steps learn
-    on batches padded to 64."""
+    length, every one before the data loader starts (its pin-memory thread must not make CUDA calls during a
+    recording); the epoch's last, shorter batch runs as usual; and the run learns exactly what the usual steps
+    learn on batches padded to 64."""
     import torch
 
-    recorded, fell_back = [], []
+    recorded, fell_back, recorded_when_loading_began = [], [], []
     monkeypatch.setattr(fine_tune_lora, "why_no_step_graphs", lambda *args: None)  # as on a GPU
     monkeypatch.setattr(fine_tune_lora.StepGraphs, "record",
                         lambda self, module, batch: recorded.append(batch[0].shape) or module)
+    loader_iter = torch.utils.data.DataLoader.__iter__
+
+    def iterate(self):  # each data loader that starts, how many shapes were recorded by then
+        recorded_when_loading_began.append(len(recorded))
+        return loader_iter(self)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iterate)
     loss = fine_tune_lora.StepGraphs.loss
 
     def loss_or_usual_step(self, inputs):
@@ -571,6 +589,7 @@ def test_steps_recorded_once_per_padded_length_and_replayed_learn_as_the_usual_s
     graphed = fine_tune_lora.fine_tune(settings(tiny_model, reviews, *args, "--cuda_graphs", "true",
                                                 "--output_dir", str(tmp_path / "graphs")))
     assert sorted(shape[1] for shape in recorded) == [64, 128] and all(shape[0] == 8 for shape in recorded)
+    assert recorded_when_loading_began and set(recorded_when_loading_began) == {2}  # all, before any loader began
     assert [shape[0] for shape in fell_back] == [4]
     usual = fine_tune_lora.fine_tune(settings(tiny_model, reviews, *args, "--pad_to_multiple_of", "64",
                                               "--output_dir", str(tmp_path / "usual")))
@@ -582,11 +601,90 @@ def test_steps_recorded_once_per_padded_length_and_replayed_learn_as_the_usual_s
     assert graphed["train_samples"] == usual["train_samples"] == 52
     # the recorded module: the model's own loss, from the batch padded to 64 as from the batch as it came
     model, tokenizer = lora_model(tiny_model, speed_ups=True)
-    graphs = fine_tune_lora.StepGraphs(model, 2, tokenizer.pad_token_id, "fp32")
+    graphs = fine_tune_lora.StepGraphs(model, 2, tokenizer.pad_token_id, "fp32", 100)
     assert [graphs.length(n) for n in (1, 64, 65, 200, 256, 300)] == [64, 64, 128, 256, 256, 256]
     batch = tokenizer(["a wonderful film . overall great", "dull"], padding=True, return_tensors="pt")
     batch["labels"] = torch.tensor([1, 0])
     with torch.no_grad():
         torch.testing.assert_close(fine_tune_lora.BatchLoss(model.get_base_model(), None)(**batch),
                                    model(**batch).loss)
+        graphs.on_train_begin(None, None, None)  # recorded (here: kept as they are) for 64 and 128 tokens
         torch.testing.assert_close(graphs.loss(dict(batch)), model(**batch).loss)
+
+
+def test_the_fp16_check_counts_a_step_the_gradient_scaler_skipped(monkeypatch):
+    """benchmarks/fp16.py's count of skipped updates, on the CPU with what the Trainer uses on a GPU in fp16: a
+    gradient scaler, the fused AdamW, and accelerate's optimizer wrapper, which scales and updates. An overflow at
+    step 2 is one skip, at step 2. The wrapper's own flag (step_was_skipped) stays False with a fused optimizer
+    (huggingface/accelerate#4242); the scale's drop is what tells."""
+    import sys
+    import types
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import fp16
+
+    Accelerator(cpu=True)  # (the wrapper wants one made; the next Trainer's arguments make theirs anew)
+    weight = torch.nn.Parameter(torch.ones(4))
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer = AcceleratedOptimizer(torch.optim.AdamW([weight], lr=0.1, fused=True), device_placement=False,
+                                     scaler=scaler)
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(scaler=scaler))
+    count = fp16.CountSkippedSteps(trainer)
+    state, flags = types.SimpleNamespace(global_step=0), []
+    for step in (1, 2, 3, 4):
+        scaler.scale((weight ** 2).sum()).backward()
+        if step == 2:
+            weight.grad[0] = float("inf")  # an overflow, as fp16 gradients meet one
+        before = weight.detach().clone()
+        count.on_pre_optimizer_step(None, state, None)
+        optimizer.step()  # the scaler's step and update
+        count.on_optimizer_step(None, state, None)
+        assert torch.equal(weight.detach(), before) == (step == 2)  # the skipped update left the weight alone
+        flags.append(optimizer.step_was_skipped)
+        optimizer.zero_grad()
+        state.global_step += 1
+    assert count.skipped == [2] and count.scales == [2.0 ** 16] * 2 + [2.0 ** 15] * 2
+    assert flags == [False] * 4  # what the check counted before: nothing
+    del sys.modules["fp16"]
+
+
+def test_the_cuda_graphs_smoke_test_reads_each_replays_loss_before_the_next(monkeypatch):
+    """benchmarks/cuda_graphs.py's smoke test, on the CPU with a stand-in for the recorded graphs that behaves as
+    torch's make_graphed_callables does: every replay returns the same output buffer, overwritten by the next.
+    Four replays with dropout give four losses; without dropout, the replayed loss and gradients are the usual
+    step's."""
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cuda_graphs
+
+    def record(self, module, batch):
+        buffer = torch.zeros(())
+
+        class Replay(torch.autograd.Function):  # as torch's Graphed: the static output, detached
+            @staticmethod
+            def forward(ctx, loss):
+                buffer.copy_(loss)
+                return buffer.detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad
+        return lambda *inputs: Replay.apply(module(*inputs))
+    monkeypatch.setattr(fine_tune_lora, "why_no_step_graphs", lambda *args: None)  # as on a GPU
+    monkeypatch.setattr(fine_tune_lora.StepGraphs, "record", record)
+    seen = cuda_graphs.smoke_test()
+    assert seen["dropout_draws_anew"] and len(set(seen["losses_with_dropout"])) == 4, seen
+    graphed, usual = seen["loss_graphs_vs_usual"]
+    assert graphed == pytest.approx(usual, rel=1e-6) and seen["largest_gradient_difference"] < 1e-5, seen
+    del sys.modules["cuda_graphs"]
