@@ -95,6 +95,8 @@ from transformers.utils import logging as hf_logging
 MODEL_NAME: str = "gpt2"  # Hub id or local folder; "gpt2-medium" has 355M weights instead of 124M: ~3x the compute
 DATASET_NAME: str = "imdb"  # Hub id, or a local folder: aclImdb layout, or train.*/test.* as parquet, csv or jsonl
 MAX_LENGTH: int = 512  # tokens kept per review; IMDB's median review is 222 tokens, 14% are over 512, 41% over 256
+TRUNCATION: str = "start"  # which tokens a longer review keeps: "start", "end" (where verdicts often are), "start+end"
+EVAL_MAX_LENGTH: int | None = None  # tokens read per review to evaluate, and by --predict; None: as MAX_LENGTH
 MAX_TRAIN_SAMPLES: int | None = None  # None = all 25,000; a random 2000 makes a quick run
 MAX_EVAL_SAMPLES: int | None = None  # None = all 25,000; with 1000, accuracy near 90% is known to about +-2 points
 # LoRA
@@ -155,8 +157,10 @@ def fine_tune(cfg):
 
     # 1. Load GPT-2 and its tokenizer
     with loading("--model_name", cfg.model_name):
+        # The end of a review too long to read whole is cut off, or its start: TRUNCATION (step 3), saved with it
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name,
+                                                  truncation_side="left" if cfg.truncation == "end" else "right")
         # GPT-2 with a new two-class head, in float32 to train (else transformers 5 keeps the saved dtype, bf16 for some)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
         model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             cfg.model_name, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, dtype=torch.float32,
             output_loading_info=True)  # which weights were not in the checkpoint: the new head, `score` on GPT-2
@@ -165,7 +169,8 @@ def fine_tune(cfg):
     # it too: it classifies a review from its last token that is not padding, found by this id.
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    max_length = check_model_settings(cfg, model)  # LoRA targets the model has; MAX_LENGTH, or what it can read
+    # LoRA targets the model has; the tokens read per review to train and to evaluate (MAX_LENGTH, EVAL_MAX_LENGTH)
+    max_length, eval_length = check_model_settings(cfg, model)
 
     # 2. Add a LoRA adapter
     if not cfg.full_finetune:  # (--full_finetune trains all the weights instead, to compare)
@@ -188,15 +193,17 @@ def fine_tune(cfg):
     # 3. Tokenize the reviews
     train_set, test_set = load_reviews(cfg)  # IMDB or a local folder, checked; random subsets if asked
 
-    def tokenize(batch):
+    def tokenize(batch, max_length):
         # Cut to max_length tokens but not padded: each batch is padded later, to its longest review.
+        if cfg.truncation == "start+end":  # not a tokenizer option: the first quarter of the tokens, then the end
+            return start_and_end(tokenizer, batch["text"], max_length)
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     # new_fingerprint names the result in datasets' cache; without it datasets would hash `tokenize`, slowly
-    train_set = train_set.map(tokenize, batched=True, remove_columns=["text"],
-                              new_fingerprint=cache_name(train_set, tokenizer, max_length))
-    test_set = test_set.map(tokenize, batched=True, remove_columns=["text"],
-                            new_fingerprint=cache_name(test_set, tokenizer, max_length))
+    train_set = train_set.map(tokenize, batched=True, remove_columns=["text"], fn_kwargs={"max_length": max_length},
+                              new_fingerprint=cache_name(train_set, tokenizer, max_length, cfg.truncation))
+    test_set = test_set.map(tokenize, batched=True, remove_columns=["text"], fn_kwargs={"max_length": eval_length},
+                            new_fingerprint=cache_name(test_set, tokenizer, eval_length, cfg.truncation))
 
     # 4. Train with the Trainer
     speed_up(model, tokenizer, cfg, setup)  # the same computation in less time and memory
@@ -291,12 +298,29 @@ def nothing_saved(folder, what):
     return (f"{folder} {f'holds no {what}' if folder.exists() else 'does not exist'}; train one first (python "
             f"{Path(__file__).name}) or point --output_dir at the folder you trained into")
 
-def classify(model, tokenizer, texts, max_length):
-    """Each text's probabilities (negative, positive), by transformers' text-classification pipeline."""
+def classify(model, tokenizer, texts, max_length, truncation="start"):
+    """Each text's probabilities (negative, positive), by transformers' text-classification pipeline; a text
+    longer than max_length keeps the tokens TRUNCATION says, as in training."""
+    max_length = min(max_length, max_positions(model))
+    if truncation == "start+end":  # not a tokenizer option, so not the pipeline's: the model reads the kept tokens
+        rows = []
+        for i in range(0, len(texts), 32):
+            batch = tokenizer.pad(start_and_end(tokenizer, texts[i:i + 32], max_length), return_tensors="pt")
+            with torch.no_grad():
+                rows.append(model(**batch.to(model.device)).logits.float().softmax(-1).cpu())
+        return torch.cat(rows)
+    tokenizer.truncation_side = "left" if truncation == "end" else "right"
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None,
                           device="cuda" if torch.cuda.is_available() else "cpu")
-    rows = classifier(texts, truncation=True, max_length=min(max_length, max_positions(model)), batch_size=32)
+    rows = classifier(texts, truncation=True, max_length=max_length, batch_size=32)
     return torch.tensor([[next(r["score"] for r in row if r["label"] == label) for label in LABELS] for row in rows])
+
+def reading(folder, cfg):
+    """How many tokens of each review --predict reads with the model in `folder`, and which: as its evaluation
+    did (its results.json), or EVAL_MAX_LENGTH of them if one is given."""
+    done = read_json(Path(folder) / "results.json")
+    length = cfg.eval_max_length or done.get("eval_max_length") or done.get("max_length") or cfg.max_length
+    return length, done.get("config", {}).get("truncation", "start")
 
 def predict(cfg, texts, adapter_dirs=None):
     """Print a row per text: the label and its probability, for each model (a column each)."""
@@ -315,7 +339,7 @@ def predict(cfg, texts, adapter_dirs=None):
     for i in range(len(folders)):
         if len(folders) > 1:
             model.set_adapter(str(i) if i else "default")  # instant: the base weights stay in place
-        columns.append(classify(model, tokenizer, kept, cfg.max_length) if kept else [])
+        columns.append(classify(model, tokenizer, kept, *reading(folders[i], cfg)) if kept else [])
     widths = [max(18, len(str(folder))) for folder in folders]  # each folder as given: two may share a name
 
     def line(cells, text):
@@ -342,7 +366,7 @@ def merge(cfg):
     model, tokenizer = load_saved_model(source)
     texts = ["One of the best films I have seen this year: moving and funny.", "A tedious, wooden mess.",
              "It was fine, I suppose. Some good scenes, some dull ones."]
-    before = classify(model, tokenizer, texts, cfg.max_length)
+    before = classify(model, tokenizer, texts, *reading(source, cfg))
     # W + (alpha / r) * B @ A is computed once and written into W: the result is a plain GPT-2 with
     # no adapter layers, as fast as the base model, but a full copy of the weights for every task.
     merged, results = model.merge_and_unload(), read_json(source / "results.json")
@@ -355,7 +379,7 @@ def merge(cfg):
 
     save_atomically(target, save)
     reloaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
-    difference = (before - classify(reloaded, tokenizer, texts, cfg.max_length)).abs().max().item()
+    difference = (before - classify(reloaded, tokenizer, texts, *reading(source, cfg))).abs().max().item()
     size = (target / "model.safetensors").stat().st_size / 1e6
     print(f"Merged {source} into {target} ({size:.1f} MB); it loads with AutoModelForSequenceClassification alone.")
     print(f"Largest difference between the probabilities of the adapter and of the merged model on "
@@ -542,6 +566,8 @@ def check_config(cfg):
         raise UserError(f"--seed must be from 0 to {2**32 - 1}, got {cfg.seed}")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be at least 0 and below 1, got {cfg.lora_dropout}")
+    if cfg.truncation not in ("start", "end", "start+end"):
+        raise UserError(f"--truncation must be one of start, end, start+end, got {cfg.truncation!r}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be one of auto, bf16, fp16, fp32, got {cfg.precision!r}")
     if cfg.report_to not in ("none", "all", *hf_integrations.get_available_reporting_integrations()):
@@ -611,8 +637,8 @@ def loading(flag, name):
         hf_logging.set_verbosity(verbosity)
 
 def check_model_settings(cfg, model):
-    """Fail on LoRA targets the model lacks; return MAX_LENGTH, or fewer tokens if the model reads fewer. (The
-    setting itself stays as asked: a rerun of the same command must find the same settings to resume.)"""
+    """Fail on LoRA targets the model lacks; return MAX_LENGTH and EVAL_MAX_LENGTH, each capped at what the model
+    reads. (The settings themselves stay as asked: a rerun of the same command must find them to resume.)"""
     layers = {name.split(".")[-1] for name, module in model.named_modules()
               if isinstance(module, (torch.nn.Linear, Conv1D)) and name != "score"}
     targets = [] if cfg.target_modules == "all-linear" else cfg.target_modules
@@ -626,17 +652,22 @@ def check_model_settings(cfg, model):
     if cfg.lora_top_blocks and not cfg.full_finetune and not (blocks and cfg.lora_top_blocks <= blocks):
         raise UserError(f"--lora_top_blocks {cfg.lora_top_blocks}: this model has {blocks or 'no countable'} blocks; "
                         f"give at most that many, or none for all")
-    if cfg.max_length > (limit := max_tokens(cfg, model)):
-        print(f"MAX_LENGTH {cfg.max_length} is more than this model can read; using its maximum, {limit}")
+    for name, asked in (("MAX_LENGTH", cfg.max_length), ("EVAL_MAX_LENGTH", cfg.eval_max_length)):
+        if asked and asked > (limit := min(asked, max_positions(model))):
+            print(f"{name} {asked} is more than this model can read; using its maximum, {limit}")
     # Batches are padded up to a multiple of PAD_TO_MULTIPLE_OF: never past the last position the model has.
+    limit = max(max_tokens(cfg, model), eval_tokens(cfg, model))
     padded = math.ceil(limit / cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of
     if padded > max_positions(model):
         raise UserError(f"--pad_to_multiple_of {cfg.pad_to_multiple_of} pads a review of {limit} tokens to {padded}, "
                         f"more than this model can read; use {limit} or a smaller number")
-    return limit
+    return max_tokens(cfg, model), eval_tokens(cfg, model)
 
 def max_tokens(cfg, model):  # MAX_LENGTH, or the most tokens the model can read if that is fewer
     return min(cfg.max_length, max_positions(model))
+
+def eval_tokens(cfg, model):  # EVAL_MAX_LENGTH (MAX_LENGTH if None), or the most tokens the model can read
+    return min(cfg.eval_max_length or cfg.max_length, max_positions(model))
 
 def max_positions(model):  # the most tokens the model can read; no limit given: relative positions, as T5's
     return getattr(model.config, "max_position_embeddings", math.inf)
@@ -697,7 +728,19 @@ def load_reviews(cfg):
     stop_if_asked()
     return splits
 
-def cache_name(reviews, tokenizer, max_length):
+def start_and_end(tokenizer, texts, max_length, start_share=0.25):
+    """Each text's tokens, at most max_length of them: a longer text keeps its first quarter and its end, special
+    tokens included (a start-of-text token is first, an end-of-text token last). A quarter: Sun et al. (2019),
+    "How to Fine-Tune BERT for Text Classification?", kept 128 of 512 from the start on IMDb; measured against
+    half in benchmarks/README.md."""
+    encoded = tokenizer(texts, verbose=False)  # (verbose: no warning for a text longer than the model reads)
+    first = round(max_length * start_share)
+    for key, rows in encoded.items():
+        encoded[key] = [row if len(row) <= max_length else row[:first] + row[len(row) - max_length + first:]
+                        for row in rows]
+    return encoded
+
+def cache_name(reviews, tokenizer, max_length, truncation="start"):
     """The name datasets caches the tokenized reviews under, made from all that decides them: the reviews (datasets'
     fingerprint of them), the whole tokenizer (its vocabulary, merges and rules, as JSON) and the cut. Without one,
     datasets hashes the tokenize function, tokenizer and all, with dill: a second or more, inside a bare `except:`
@@ -706,7 +749,7 @@ def cache_name(reviews, tokenizer, max_length):
         return None
     rules = json.loads(tokenizer.backend_tokenizer.to_str())
     rules.pop("truncation"), rules.pop("padding")  # left by the last call: not part of the tokenizer's rules
-    key = [reviews._fingerprint, type(tokenizer).__name__, tokenizer.truncation_side, max_length, rules]
+    key = [reviews._fingerprint, type(tokenizer).__name__, tokenizer.truncation_side, max_length, truncation, rules]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 def read_reviews(name):
@@ -1085,7 +1128,8 @@ def save_atomically(out_dir, write):
 # and logs. These others change what it measures, but not what it learns: a checkpoint resumes with other values.
 BOOKKEEPING = ["output_dir", "full_output_dir", "resume", "save_steps", "save_minutes", "save_total_limit",
                "logging_steps", "report_to"]
-NOT_LEARNED = ["max_eval_samples", "precision", "pad_to_multiple_of", "eval_batch_size", "torch_compile", "cuda_graphs"]
+NOT_LEARNED = ["max_eval_samples", "eval_max_length", "precision", "pad_to_multiple_of", "eval_batch_size",
+               "torch_compile", "cuda_graphs"]
 
 def settings_behind_figures(settings):  # --compare reuses a run trained with the same; so does a rerun's message
     return {name: value for name, value in settings.items() if name not in BOOKKEEPING}
@@ -1297,7 +1341,8 @@ def estimate_cpu_time(cfg, setup, trainer):
             per_review = (time.perf_counter() - started) / len(batch["labels"])
         model.train()
     batches = math.ceil(len(train) / cfg.batch_size / setup.world) * cfg.num_epochs
-    evaluations = cfg.num_epochs * len(trainer.eval_dataset) * per_review
+    # (per review of the typical batch's length: the test reviews may be read longer, EVAL_MAX_LENGTH)
+    evaluations = cfg.num_epochs * sum(token_counts(trainer.eval_dataset)) / mean * per_review
     return seconds * cfg.gradient_accumulation_steps, batches * seconds + evaluations
 
 
@@ -1323,6 +1368,7 @@ def collect_results(cfg, setup, trainer, trained, metrics):
         "trainable_params": trainable, "all_params": total, "trainable_percent": 100 * trainable / total,
         "learning_rate": trainer.args.learning_rate,
         "train_samples": n_train, "eval_samples": len(trainer.eval_dataset), "max_length": max_tokens(cfg, model),
+        "eval_max_length": eval_tokens(cfg, model),  # (with TRUNCATION in "config": which tokens were read)
         # Time in training steps, without the evaluations; a resumed run cannot say it for the whole run.
         "train_seconds": None if setup.resume_from else seconds,
         "epoch_seconds": trainer.epoch_seconds,  # the first includes warm-up (and compiling, if on)
@@ -1394,31 +1440,42 @@ def write_model_card(folder, name, results, merged_from=None):
     top = f" of the top {plural(cfg['lora_top_blocks'], 'block')}" if cfg.get("lora_top_blocks") else ""
     how = (f"{'DoRA' if cfg.get('use_dora') else 'LoRA'}, r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout "
            f"{cfg['lora_dropout']}, on {targets}{top}" if results["method"] == "lora" else "full fine-tuning")
-    # An adapter's pipeline loads the base model's config and tokenizer, which know neither the labels nor a pad token.
+    trained, truncation = results.get("max_length", cfg["max_length"]), cfg.get("truncation", "start")
+    read = results.get("eval_max_length", trained)  # what the evaluation read
+    kept = {"start": "its first", "end": "its last", "start+end": "its first quarter and its end: in all"}[truncation]
+    # An adapter's pipeline loads the base model's config and tokenizer, which know neither the labels nor a pad
+    # token; the folder's tokenizer knows which end of a long review to cut (its truncation_side).
     where = "# this folder, or its Hub id once uploaded"
-    load = (f'tokenizer = AutoTokenizer.from_pretrained("{name}")  {where}\n'
-            f'classifier = pipeline("text-classification", model="{name}", tokenizer=tokenizer, model_kwargs={{\n'
-            f'    "id2label": {{0: "negative", 1: "positive"}}, "pad_token_id": tokenizer.pad_token_id}})'
-            ) if lora else f'classifier = pipeline("text-classification", model="{name}")  {where}'
+    examples = '["A wonderful film.", "Two hours I will never get back."]'
+    code = ["from transformers import AutoTokenizer, pipeline", "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")  {where}']
+    code += [f'classifier = pipeline("text-classification", model="{name}", tokenizer=tokenizer, model_kwargs={{',
+             '    "id2label": {0: "negative", 1: "positive"}, "pad_token_id": tokenizer.pad_token_id})'] if lora else [
+        f'classifier = pipeline("text-classification", model="{name}", tokenizer=tokenizer)']
+    if truncation == "start+end":  # not a tokenizer option: the texts are cut before the pipeline reads them
+        first = round(read * 0.25)
+        code += ["", f"def start_and_end(text):  # what training read of a review over {read} tokens",
+                 '    ids = tokenizer(text, verbose=False)["input_ids"]',
+                 f"    return text if len(ids) <= {read} else tokenizer.decode(ids[:{first}] + ids[{first - read}:])",
+                 "", f"print(classifier([start_and_end(text) for text in {examples}], batch_size=8))"]
+    else:
+        code += ["", f"print(classifier({examples}, batch_size=8, truncation=True,",
+                 f"                 max_length={read}))  # a longer review keeps {kept} {read} tokens"]
     body = f"""
 # {name}
 
 {what}: it tells whether a movie review is negative or positive.{f" Merged from `{merged_from}`." if merged_from else ""}
 
 Trained with `fine_tune_lora.py` by {how}: {cfg['num_epochs']} epoch(s) of {results['train_samples']:,} reviews
-from `{data_name}`, at most {results.get('max_length', cfg['max_length'])} tokens each, batch {cfg['batch_size']},
+from `{data_name}`, at most {trained} tokens each (a longer one: {kept} {trained}), batch {cfg['batch_size']},
 learning rate {results['learning_rate']:g}, {results['training_precision']}, seed {cfg['seed']};
 {results['trainable_params']:,} of {results['all_params']:,} weights trained.
 
-On {results['eval_samples']:,} test reviews: accuracy {results['accuracy']:.4f}, F1 {results['f1']:.4f}, precision
-{results['precision']:.4f}, recall {results['recall']:.4f}.
+On {results['eval_samples']:,} test reviews, read up to {read} tokens each: accuracy {results['accuracy']:.4f}, F1
+{results['f1']:.4f}, precision {results['precision']:.4f}, recall {results['recall']:.4f}.
 
 ```python
-from transformers import {"AutoTokenizer, " * lora}pipeline
-
-{load}
-print(classifier(["A wonderful film.", "Two hours I will never get back."], batch_size=8, truncation=True,
-                 max_length={results.get('max_length', cfg['max_length'])}))  # longer reviews are cut
+{chr(10).join(code)}
 ```
 """
     ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(folder / "README.md")

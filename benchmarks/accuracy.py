@@ -14,6 +14,10 @@ to STUDIES):
   settings  what each setting buys on the quick run: rank 4 / 8 / 16, the adapted layers (the script's
             targets, every attention projection, every linear layer), the top half of the blocks only,
             128 tokens instead of 256 (and both), DoRA; 1,000 test reviews, one line per variant
+  truncation  which tokens of a longer review the quick run reads: its end, or its first quarter and its end,
+            at 128 and at 256 tokens (its start: the settings study's runs); 1,000 test reviews. With
+            --reread_best 512, the most accurate run's adapter also classifies the same test reviews reading
+            up to 512 tokens of each (trained short, read long: no training)
 Every training runs in a process of its own and saves to OUT/<study>/; a finished one is not run
 again, so an interrupted benchmark goes on where it stopped. OUT/accuracy.md gets one table per
 study, with the model, data, hardware, date, library versions and the command that re-measures it;
@@ -28,7 +32,9 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fine_tune_lora as ft  # noqa: E402
@@ -44,10 +50,14 @@ STUDIES = {
                  ["", "--lora_top_blocks {half}", "--max_length 128", "--max_length 128 --lora_top_blocks {half}",
                   "--lora_r 4 --lora_alpha 8", "--lora_r 16 --lora_alpha 32", "--target_modules {attention}",
                   "--target_modules all-linear", "--use_dora true"]),
+    "truncation": ("Which tokens of a longer review, on the quick run", ["--logging_steps", "25",
+                                                                         "--max_eval_samples", "1000"],
+                   ["--truncation end --max_length 128", "--truncation start+end --max_length 128",
+                    "--truncation end", "--truncation start+end"]),
 }
 # Each model family's attention projections. GPT-2's c_proj names its MLP's output layer too.
 ATTENTION = {"llama": "q_proj k_proj v_proj o_proj", "gpt2": "c_attn c_proj"}
-ONE_LINE_PER_VARIANT = {"settings"}
+ONE_LINE_PER_VARIANT = {"settings", "truncation"}
 
 
 def parse_args():
@@ -57,6 +67,9 @@ def parse_args():
     parser.add_argument("--dataset", default="imdb", help="Hub id or local folder (default: imdb)")
     parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
     parser.add_argument("--out", default="accuracy", help="folder for the runs and accuracy.md (default: accuracy)")
+    parser.add_argument("--reread_best", type=int, metavar="TOKENS",
+                        help="the most accurate run of each study also classifies its test reviews reading this many "
+                             "tokens of each")
     return parser.parse_known_args()  # the rest goes to fine_tune_lora.py
 
 
@@ -99,9 +112,36 @@ def run_study(name, args, extra, out):
         sys.exit(f"error: the {name!r} study stopped; see above. The same command goes on where it stopped.")
     rerun = shlex.join(["python", "benchmarks/accuracy.py", "--model", args.model, "--dataset", args.dataset,
                         "--studies", name, *extra] + (["--out", args.out] if args.out != "accuracy" else []))
-    table = (variant_table(json.loads((folder / "comparison.json").read_text())) if name in ONE_LINE_PER_VARIANT
-             else (folder / "comparison.md").read_text().strip())
+    results = json.loads((folder / "comparison.json").read_text())
+    table = variant_table(results) if name in ONE_LINE_PER_VARIANT else (folder / "comparison.md").read_text().strip()
+    if args.reread_best:
+        rerun = rerun.replace(" --studies", f" --reread_best {args.reread_best} --studies")
+        table += "\n\n" + reread_best(results, folder, args.reread_best)
     return f"## {title}\n\n`{rerun}`\n\n{table}\n"
+
+
+def reread_best(results, folder, tokens):
+    """The most accurate run's adapter classifies its test reviews again, reading up to `tokens` of each (which
+    ones as it was trained: TRUNCATION), as --predict --eval_max_length TOKENS would; kept in its folder."""
+    name, run = max(((name, run) for name, run in results.items() if run["method"] == "lora"),
+                    key=lambda item: item[1]["accuracy"])
+    saved = folder / run["config"]["output_dir"]
+    done = saved / f"reread-{tokens}.json"
+    if not done.exists():
+        print(f"\n##### {name}, read up to {tokens} tokens of each test review", flush=True)
+        cfg = SimpleNamespace(**run["config"])
+        _, test = ft.load_reviews(cfg)
+        model, tokenizer = ft.load_saved_model(saved)
+        started = time.monotonic()
+        predicted = ft.classify(model, tokenizer, list(test["text"]), tokens, cfg.truncation).argmax(-1).tolist()
+        accuracy = sum(p == label for p, label in zip(predicted, test["label"])) / len(predicted)
+        done.write_text(json.dumps(dict(accuracy=accuracy, eval_samples=len(predicted), tokens=tokens,
+                                        seconds=time.monotonic() - started)))
+    reread = json.loads(done.read_text())
+    p, n = reread["accuracy"], reread["eval_samples"]
+    return (f"The most accurate, `{name}` ({run['accuracy']:.3f} reading {run.get('eval_max_length', run['max_length'])} "
+            f"tokens), reading up to {tokens} tokens of each of the same {n:,} test reviews: {p:.3f} ± "
+            f"{2 * math.sqrt(p * (1 - p) / n):.3f} ({reread['seconds'] / 60:.1f} min; no training)")
 
 
 def variant_table(results):

@@ -431,3 +431,85 @@ def test_tokenized_reviews_are_cached_under_a_name_made_of_what_decides_them(tin
              fine_tune_lora.cache_name(train, changed_tokenizer, 64)]
     assert len(set(names)) == 4
     assert fine_tune_lora.cache_name(fine_tune_lora.load_reviews(cfg)[0], tokenizer, 64) == names[2]
+
+
+def test_a_long_review_keeps_the_tokens_truncation_says_and_predict_reads_as_the_run_did(tiny_model, reviews, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """--truncation: a review longer than --max_length keeps its first tokens, its last, or its first quarter and
+    its end, in training and evaluation alike (checked against the text). Each choice in turn, on the same
+    reviews: each is tokenized anew, not read from the one before's cache. The folder records it; --predict then
+    reads each text as the run did."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import fine_tune_lora
+
+    seen = {}
+    describe = fine_tune_lora.describe_run
+    monkeypatch.setattr(fine_tune_lora, "describe_run", lambda cfg, setup, trainer: seen.update(
+        train=trainer.train_dataset, test=trainer.eval_dataset) or describe(cfg, setup, trainer))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "wonderful superb loved brilliant " + " ".join(["the plot and the music"] * 6) + " . overall dull awful"
+    for truncation in ("start", "start+end", "end"):
+        args = [*base_args(tiny_model, reviews), "--max_length", "16", "--truncation", truncation]
+        out = tmp_path / truncation
+        assert run_main(capsys, *args, "--output_dir", out).returncode == 0
+
+        def kept(whole):  # what the choice keeps of a review's tokens
+            first = {"start": 16, "end": 0, "start+end": 4}[truncation]  # tokens from the start, then from the end
+            return whole if len(whole) <= 16 else whole[:first] + whole[len(whole) - 16 + first:]
+        train, test = fine_tune_lora.load_reviews(fine_tune_lora.parse_args(args)[0])  # in the run's order
+        cut = 0
+        for texts, tokenized in ((train["text"], seen["train"]), (test["text"], seen["test"])):
+            for review, ids in zip(texts, tokenized["input_ids"], strict=True):
+                whole = tokenizer(review)["input_ids"]
+                assert ids == kept(whole), (truncation, review)
+                first = {"start": 16, "end": 0, "start+end": 4}[truncation]
+                assert review.startswith(tokenizer.decode(ids[:first]))
+                assert review.endswith(tokenizer.decode(ids[first:]))
+                cut += len(whole) > 16
+        assert cut > 100  # most of the reviews were longer
+        results = read_results(out)
+        assert results["config"]["truncation"] == truncation
+        assert results["max_length"] == results["eval_max_length"] == 16
+        assert AutoTokenizer.from_pretrained(out).truncation_side == ("left" if truncation == "end" else "right")
+        assert f"(a longer one: its {'last' if truncation == 'end' else 'first'}" in (out / "README.md").read_text()
+        # --predict reads the 16 tokens of a longer text that the run read: the probability the model gives them
+        model, _ = fine_tune_lora.load_saved_model(out)
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([kept(tokenizer(text)["input_ids"])])).logits.softmax(-1)[0]
+        printed = run_main(capsys, "--output_dir", out, "--predict", text)
+        label, probability = printed.stdout.splitlines()[1].split()[:2]
+        assert label == ["negative", "positive"][int(expected.argmax())], truncation
+        assert float(probability) == pytest.approx(float(expected.max()), abs=6e-4), truncation
+
+
+def test_the_evaluation_can_read_more_of_each_review_than_training_and_predict_reads_as_it_did(tiny_model, reviews,
+                                                                                               tmp_path, capsys,
+                                                                                               monkeypatch):
+    """--eval_max_length: trained on 16 tokens of each review, evaluated on up to 48, recorded; --predict reads 48
+    as the evaluation did, or what --eval_max_length says."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import fine_tune_lora
+
+    seen = {}
+    describe = fine_tune_lora.describe_run
+    monkeypatch.setattr(fine_tune_lora, "describe_run", lambda cfg, setup, trainer: seen.update(
+        train=trainer.train_dataset, test=trainer.eval_dataset) or describe(cfg, setup, trainer))
+    out = tmp_path / "out"
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--max_length", "16", "--eval_max_length", "48",
+                    "--output_dir", out)
+    assert done.returncode == 0, done.stderr
+    assert max(fine_tune_lora.token_counts(seen["train"])) == 16 and max(fine_tune_lora.token_counts(seen["test"])) == 48
+    results = read_results(out)
+    assert results["max_length"] == 16 and results["eval_max_length"] == 48
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "wonderful superb loved brilliant " + " ".join(["the plot and the music"] * 12) + " . overall dull awful"
+    model, _ = fine_tune_lora.load_saved_model(out)
+    for extra, length in (([], 48), (["--eval_max_length", "24"], 24)):
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([tokenizer(text)["input_ids"][:length]])).logits.softmax(-1)[0]
+        printed = run_main(capsys, "--output_dir", out, "--predict", text, *extra)
+        assert float(printed.stdout.splitlines()[1].split()[1]) == pytest.approx(float(expected.max()), abs=6e-4)
