@@ -48,7 +48,7 @@ except ImportError:
     resource = None
 
 def check_versions(needed={"torch": "2.11", "transformers": "5.18", "datasets": "5.2", "peft": "0.21", "accelerate": "1.15"}):
-    """Older releases fail late, with a traceback (transformers 4 after tokenizing every review): say so at once."""
+    """Old releases fail late (transformers 4 after tokenizing): name all before they load (require_version can't)."""
     if sys.version_info < (3, 10):
         sys.exit(f"error: this script needs Python 3.10 or newer, as transformers 5 does; this is {sys.version.split()[0]}")
     old = {}
@@ -230,6 +230,7 @@ def fine_tune(cfg):
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of),
         compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=logits_only,  # (T5 returns its encoder's states beside the logits)
     )
     describe_run(cfg, setup, trainer)  # the device and steps and, on a CPU, how long it will take
     watch_training(cfg, setup, trainer)  # checkpoints on time too, a stop on a NaN loss
@@ -251,6 +252,9 @@ def fine_tune(cfg):
         print_summary(setup.out_dir)
     trainer.accelerator.wait_for_everyone()
     return results
+
+def logits_only(logits, labels):  # each evaluation batch's logits, all that compute_metrics needs kept
+    return logits[0] if isinstance(logits, tuple) else logits
 
 def compute_metrics(eval_prediction):
     """Accuracy, F1, precision, recall and the confusion matrix, with scikit-learn: evaluate.load()
@@ -437,18 +441,19 @@ def main(argv=None):
 # Nothing below this line is needed to learn LoRA: the command line, clear errors, the speed-ups,
 # resuming and safe saving, the device, and the results. README.md's "Under the hood" says why each is.
 #
-# Private or undocumented parts of the libraries used below, each where no public way exists (transformers 5.24,
-# datasets 5.2, torch 2.13, tqdm 4.67), and what a release that changes it would break:
-# - Trainer._get_train_sampler and _get_eval_sampler, overridden in FastTrainer: training batches grouped by length
-#   with a sampler seeded by epoch (the Trainer's own draws from the global generator, so a resumed run would batch
-#   differently), the test set in order of length. Left uncalled: the Trainer's grouping and order; the results hold,
-#   an exact resume and some speed do not (test_the_trainer_draws_its_batches_from_the_grouped_sampler fails).
+# Private or undocumented parts of the libraries used below, each where no public way does the same (transformers
+# 5.25, datasets 5.2, torch 2.13, tqdm 4.67), and what a release that changes it would break:
+# - Trainer._get_train_sampler and _get_eval_sampler, overridden in FastTrainer (the first with DistributedLength-
+#   GroupedSampler for one process, seeded by epoch). Left uncalled: an exact resume and some speed lost (tests fail).
+# - Trainer.model_accepts_loss_kwargs, set in FastTrainer. Recomputed later: gradient accumulation's loss too large.
 # - TrainingArguments._n_gpu, set in FastTrainer: one GPU without torchrun. Renamed: DataParallel over every GPU,
 #   which fails with the frozen weights stored in 16 bits.
 # - Dataset._fingerprint, in cache_name: datasets' own name for the reviews. Renamed: an AttributeError there.
 # - argparse.HelpFormatter._split_lines, in HelpFormatter: --help wraps between words. Renamed: "--" cut off flags.
 # - tqdm._instances, in one_line: the open progress bars, closed before the error line. Renamed: left open (getattr).
-# - torch.cpu._is_avx512_bf16_supported, in pick_device_and_precision: bf16 where the CPU computes it. Renamed: fp32.
+# - transformers' masking_utils prepares no mask for an attention it does not know (a path for serving backends):
+#   speed_up's sdpa_without_mask relies on it. Changed: a mask made again (the same results, slower), or an error.
+# - transformers.integrations.INTEGRATION_TO_CALLBACK, in check_config: the trackers' names, for the message.
 # =============================================================================
 # command line: every constant becomes --lowercase_name, typed like its default
 
@@ -889,12 +894,6 @@ def compile_for_speed(model, device, cuda_graphs=True):
 def token_counts(dataset):
     return pyarrow.compute.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
 
-def length_grouped_sampler(lengths, batch_size, seed):
-    """Shuffled, then sorted by length within groups of 50 batches, the longest batch first. Not
-    transformers' LengthGroupedSampler, which draws from the global random generator: a resumed run
-    would batch differently. This one is seeded by seed + epoch; accelerate shares out its batches."""
-    return DistributedLengthGroupedSampler(batch_size, lengths=lengths, num_replicas=1, rank=0, seed=seed)
-
 def hardware_arguments(cfg, setup):
     gpu = setup.device == "cuda"
     return dict(
@@ -915,29 +914,26 @@ def hardware_arguments(cfg, setup):
     )
 
 class FastTrainer(Trainer):
-    """transformers' Trainer, with batches of similar lengths and the test set in order of length."""
+    """transformers' Trainer, with what its arguments and callbacks cannot do (each says why not)."""
 
     def __init__(self, model, args, **kwargs):
         # Several GPUs without torchrun: the Trainer would split each batch between them (DataParallel), and
         # there it leaves out mixed precision, so speed_up's 16-bit weights fail. One GPU; describe_run says more.
         self.gpus_found, args._n_gpu = args.n_gpu, min(args.n_gpu, 1)
-        # The logits only, for the metrics: an encoder-decoder (T5) returns its encoder's states beside them.
-        super().__init__(model, args, preprocess_logits_for_metrics=lambda logits, labels: logits[0] if isinstance(
-            logits, tuple) else logits, **kwargs)
-        if step_graphs := getattr(model, "step_graphs", None):  # CUDA_GRAPHS: recorded as training begins
-            self.add_callback(step_graphs)
-        # GPT-2's classification loss is the mean over its own batch; the Trainer, seeing its forward take
-        # **kwargs, would take it for a sum over the accumulated batches, and neither divide it by
-        # GRADIENT_ACCUMULATION_STEPS: the loss logged and the gradients would be that many times too large.
+        super().__init__(model, args, **kwargs)
+        # GPT-2's classification loss is the mean over its own batch; the Trainer, seeing its forward take **kwargs,
+        # would take it for a sum over the accumulated batches and not divide it by GRADIENT_ACCUMULATION_STEPS. (Not
+        # loss_is_scaled_for_ga, 5.19: each step would still count the labels and copy the count to the GPU, a wait.)
         self.model_accepts_loss_kwargs = False
 
     def _get_train_sampler(self, train_dataset=None):
+        # Grouped by length as the Trainer's own, but seeded by epoch: with its own, a resumed run ended otherwise.
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        return length_grouped_sampler(token_counts(self.train_dataset), self.args.per_device_train_batch_size,
-                                      self.args.seed)
+        return DistributedLengthGroupedSampler(self.args.per_device_train_batch_size, num_replicas=1, rank=0,
+                                               lengths=token_counts(self.train_dataset), seed=self.args.seed)
 
-    def _get_eval_sampler(self, eval_dataset):  # any order gives the same metrics
+    def _get_eval_sampler(self, eval_dataset):  # any order, the same metrics; sorted, less padding than the Trainer's
         return sorted(range(len(eval_dataset)), key=token_counts(eval_dataset).__getitem__)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
@@ -1165,6 +1161,8 @@ def watch_training(cfg, setup, trainer):
     if setup.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.add_callback(TrainingWatch(trainer, save_seconds=60 * cfg.save_minutes))
+    if step_graphs := getattr(trainer.model, "step_graphs", None):  # CUDA_GRAPHS: recorded as training begins
+        trainer.add_callback(step_graphs)
 
 # A stop asked for (Ctrl-C, a kill), remembered: the KeyboardInterrupt it raises can be swallowed by a library
 # that catches everything (datasets 5.2 hashes a transform inside a bare `except:`), and then the run would go on.
@@ -1267,7 +1265,7 @@ def pick_device_and_precision(cfg):
     else:
         # CPUs with bf16 arithmetic (AVX512-BF16) train faster in bf16; elsewhere bf16 is emulated and
         # far slower than fp32 (pytorch/pytorch issue 146508). torch has no public test for it yet.
-        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        native_bf16 = torch.cpu.get_capabilities().get("avx512_bf16", False)
         device, name, auto = "cpu", "CPU", "bf16" if native_bf16 else "fp32"
     precision = auto if cfg.precision == "auto" else cfg.precision
     if device != "cuda" and precision == "fp16":

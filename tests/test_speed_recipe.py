@@ -470,17 +470,18 @@ def test_the_benchmark_runs_no_recipe_once_its_time_budget_is_spent(tiny_model, 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32"), (None, "fp32")])
 def test_auto_precision_on_a_cpu_is_bf16_only_where_it_has_bf16_arithmetic(monkeypatch, native_bf16, expected):
-    """Where the CPU computes bf16 in hardware, "auto" trains in bf16 (faster); where it would only
-    emulate it (slower than fp32), or where torch cannot tell (None: no such test), in fp32."""
+    """Where the CPU computes bf16 in hardware (AVX512-BF16), "auto" trains in bf16 (faster); where it would
+    only emulate it (slower than fp32), or where torch cannot tell (None: not among the CPU's capabilities, as on
+    an ARM CPU), in fp32. The CPU is described to the script as torch describes it."""
+    import types
+
     import torch
 
     cfg, _ = fine_tune_lora.parse_args([])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    if native_bf16 is None:
-        monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
-    else:
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
+    capabilities = {"avx2": True} if native_bf16 is None else {"avx2": True, "avx512_bf16": native_bf16}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: types.MappingProxyType(capabilities))
     assert fine_tune_lora.pick_device_and_precision(cfg) == ("cpu", "CPU", expected)
 
 
@@ -491,7 +492,7 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_done_with_a_warning(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     for native_bf16, warned in ((False, True), (True, False)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native_bf16})
         cfg, _ = fine_tune_lora.parse_args(["--precision", "bf16"])
         assert fine_tune_lora.pick_device_and_precision(cfg) == ("cpu", "CPU", "bf16")
         assert ("this CPU has no bf16 arithmetic" in capsys.readouterr().out) == warned
