@@ -77,6 +77,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.std import tqdm
 from transformers import (AttentionInterface, AutoModelForSequenceClassification, AutoTokenizer,
@@ -95,7 +96,7 @@ from transformers.utils import logging as hf_logging
 MODEL_NAME: str = "gpt2"  # Hub id or local folder; "gpt2-medium" has 355M weights instead of 124M: ~3x the compute
 DATASET_NAME: str = "imdb"  # Hub id, or a local folder: aclImdb layout, or train.*/test.* as parquet, csv or jsonl
 MAX_LENGTH: int = 512  # tokens kept per review; IMDB's median review is 222 tokens, 14% are over 512, 41% over 256
-TRUNCATION: str = "start"  # which tokens a longer review keeps: "start", "end" (where verdicts often are), "start+end"
+TRUNCATION: str = "end"  # which tokens a longer review keeps: "end" (where verdicts often are), "start", "start+end"
 EVAL_MAX_LENGTH: int | None = None  # tokens read per review to evaluate, and by --predict; None: as MAX_LENGTH
 MAX_TRAIN_SAMPLES: int | None = None  # None = all 25,000; a random 2000 makes a quick run
 MAX_EVAL_SAMPLES: int | None = None  # None = all 25,000; with 1000, accuracy near 90% is known to about +-2 points
@@ -302,9 +303,9 @@ def nothing_saved(folder, what):
     return (f"{folder} {f'holds no {what}' if folder.exists() else 'does not exist'}; train one first (python "
             f"{Path(__file__).name}) or point --output_dir at the folder you trained into")
 
-def classify(model, tokenizer, texts, max_length, truncation="start"):
+def classify(model, tokenizer, texts, max_length, truncation=None):
     """Each text's probabilities (negative, positive), by transformers' text-classification pipeline; a text
-    longer than max_length keeps the tokens TRUNCATION says, as in training."""
+    longer than max_length keeps the tokens TRUNCATION says, as in training (None: the end the tokenizer cuts)."""
     max_length = min(max_length, max_positions(model))
     if truncation == "start+end":  # not a tokenizer option, so not the pipeline's: the model reads the kept tokens
         rows = []
@@ -313,7 +314,8 @@ def classify(model, tokenizer, texts, max_length, truncation="start"):
             with torch.no_grad():
                 rows.append(model(**batch.to(model.device)).logits.float().softmax(-1).cpu())
         return torch.cat(rows)
-    tokenizer.truncation_side = "left" if truncation == "end" else "right"
+    if truncation:
+        tokenizer.truncation_side = "left" if truncation == "end" else "right"
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None,
                           device="cuda" if torch.cuda.is_available() else "cpu")
     rows = classifier(texts, truncation=True, max_length=max_length, batch_size=32)
@@ -1386,6 +1388,9 @@ def save_results(folder, results, trainer):
     """Beside the weights: results.json, the Trainer's log history and its curves, and a model card."""
     weights = folder / ("adapter_model.safetensors" if results["method"] == "lora" else "model.safetensors")
     results = {**results, "saved_weights_mb": weights.stat().st_size / 1e6}
+    if results["method"] == "lora":  # what the adapter changed, beside it
+        results["what_lora_learned"] = what_lora_learned(trainer.model)
+        plot_what_lora_learned(results["what_lora_learned"], folder / "what_lora_learned.png")
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     plot_curves({results["method"]: trainer.state.log_history}, folder / "training_curves.png")
@@ -1393,6 +1398,90 @@ def save_results(folder, results, trainer):
                      results)
     if (Path(trainer.args.output_dir) / "runs").is_dir():  # TensorBoard's event files, kept with the model
         shutil.copytree(Path(trainer.args.output_dir) / "runs", folder / "runs")
+
+def what_lora_learned(model):
+    """For each adapted weight W (GPT-2's c_attn as its queries, keys and values apart, as the model splits its
+    output): the size of LoRA's change, |dW| / |W| (Frobenius norms), the singular values of dW, and how many of
+    them hold 90% of the change (of |dW|^2, the sum of their squares). dW = scale * B A has rank r at most: its
+    singular values are those of an r x r matrix, from the QR factors of B and of A transposed, without an SVD of
+    W's size. A DoRA layer also rescales W's columns: its change is the merged weight's, of any rank. (W as the
+    run holds it: in bf16 where it trained in bf16, which moves |W| by less than 0.1%.)"""
+    layers = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or not layer.lora_A:
+            continue
+        adapter, base = layer.active_adapters[0], layer.get_base_layer()
+        weight = (base.weight.T if layer.fan_in_fan_out else base.weight).detach().float()  # out x in
+        scaled_b = layer.lora_B[adapter].weight.detach().float() * layer.scaling[adapter]
+        r_a = torch.linalg.qr(layer.lora_A[adapter].weight.detach().float().T)[1]
+        change = merged_change(layer, adapter) if layer.use_dora.get(adapter) else None
+        # named as the model names it (encoder or decoder, then e.g. self_attn.q_proj), GPT-2's c_attn by its parts
+        stack = next((f"{s} " for s in ("encoder", "decoder") if f".{s}." in f".{name}."), "")
+        parts = ["query", "key", "value"] if model.config.model_type == "gpt2" and name.endswith("c_attn") else [
+            stack + ".".join(name.split(".")[-2:])]
+        for i, (part, rows) in enumerate(zip(parts, weight.split(len(weight) // len(parts)))):
+            picked = slice(i * len(rows), (i + 1) * len(rows))
+            if change is None:  # the r x r core: dW = Q_b (R_b R_a^T) Q_a^T, with orthonormal Q_b and Q_a
+                values = torch.linalg.svdvals(torch.linalg.qr(scaled_b[picked])[1] @ r_a.T)
+            else:
+                values = torch.linalg.svdvals(change[picked])
+            share = (values ** 2).cumsum(0) / (values ** 2).sum() if values.any() else values
+            layers.append({"block": next((int(n) for n in name.split(".") if n.isdigit()), None), "weight": part,
+                           "relative_change": float(values.norm() / rows.norm()),
+                           "singular_values": values.tolist(),
+                           "directions_for_90_percent": int((share < 0.9).sum()) + 1 if values.any() else 0})
+    top = max(layers, key=lambda layer: layer["relative_change"])
+    return {"rank": int(max(len(layer["singular_values"]) for layer in layers)), "layers": layers,
+            "mean_relative_change": sum(layer["relative_change"] for layer in layers) / len(layers),
+            "largest": {"block": top["block"], "weight": top["weight"], "relative_change": top["relative_change"]},
+            "median_directions_for_90_percent": sorted(layer["directions_for_90_percent"] for layer in layers)[
+                len(layers) // 2]}
+
+def merged_change(layer, adapter):
+    """A DoRA layer's change, out x in: its weight merged (PEFT's own merge, undone after) less the weight."""
+    weight = layer.get_base_layer().weight
+    before = weight.detach().clone()
+    layer.merge(adapter_names=[adapter])
+    change = weight.detach().float() - before.float()
+    layer.unmerge()
+    weight.data.copy_(before)  # (unmerging divides again: back to the very bits)
+    return change.T if layer.fan_in_fan_out else change
+
+def lora_learned_sentence(learned):
+    """What the adapter changed, in a sentence: the summary after training and the model card say it."""
+    largest = learned["largest"]
+    where = f"block {largest['block']}'s {largest['weight']}" if largest["block"] is not None else largest["weight"]
+    return (f"the adapter changed the weights it adapts by {learned['mean_relative_change']:.2%} on average "
+            f"(|dW| / |W|), most in {where} ({largest['relative_change']:.2%}); of rank {learned['rank']}, "
+            f"{plural(learned['median_directions_for_90_percent'], 'direction')} hold 90% of the change in the "
+            f"median weight")
+
+def plot_what_lora_learned(learned, path):
+    """Left: the size of the change per block, a line per adapted weight; right: the singular values of the
+    change for the lowest, middle and top adapted blocks, against the rank r."""
+    figure = Figure(figsize=(12, 3.5), layout="constrained")
+    change_panel, values_panel = figure.subplots(1, 2)
+    names = list(dict.fromkeys(layer["weight"] for layer in learned["layers"]))
+    for name in names:
+        points = [(layer["block"] or 0, 100 * layer["relative_change"]) for layer in learned["layers"]
+                  if layer["weight"] == name]
+        change_panel.plot(*zip(*points), "o-", label=name)
+    blocks = sorted({layer["block"] or 0 for layer in learned["layers"]})
+    shown = sorted({blocks[0], blocks[len(blocks) // 2], blocks[-1]})
+    top_name = learned["largest"]["weight"]
+    for block in shown:
+        values = next(layer["singular_values"] for layer in learned["layers"]
+                      if (layer["block"] or 0) == block and layer["weight"] == top_name)
+        values_panel.plot(range(1, len(values) + 1), values, "o-", label=f"block {block}")
+    values_panel.axvline(learned["rank"], color="gray", linestyle="--", label=f"r = {learned['rank']}")
+    values_panel.set_ylim(bottom=0)
+    change_panel.set(title="size of the change, |dW| / |W|", xlabel="block", ylabel="%")
+    values_panel.set(title=f"singular values of dW ({top_name})", xlabel="direction", ylabel="singular value")
+    for panel in (change_panel, values_panel):
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+        panel.grid(alpha=0.3)
+        panel.legend()
+    figure.savefig(path, dpi=100)
 
 def logged(history, *keys):
     """(step, value of each key) for each entry of a Trainer's log history that has them all."""
@@ -1441,8 +1530,7 @@ def write_model_card(folder, name, results, merged_from=None):
     trained, truncation = results.get("max_length", cfg["max_length"]), cfg.get("truncation", "start")
     read = results.get("eval_max_length", trained)  # what the evaluation read
     kept = {"start": "its first", "end": "its last", "start+end": "its first quarter and its end: in all"}[truncation]
-    # An adapter's pipeline loads the base model's config and tokenizer, which know neither the labels nor a pad
-    # token; the folder's tokenizer knows which end of a long review to cut (its truncation_side).
+    # An adapter's pipeline would take the base's config and tokenizer: labels, pad token, this tokenizer given
     where = "# this folder, or its Hub id once uploaded"
     examples = '["A wonderful film.", "Two hours I will never get back."]'
     code = ["from transformers import AutoTokenizer, pipeline", "",
@@ -1459,6 +1547,8 @@ def write_model_card(folder, name, results, merged_from=None):
     else:
         code += ["", f"print(classifier({examples}, batch_size=8, truncation=True,",
                  f"                 max_length={read}))  # a longer review keeps {kept} {read} tokens"]
+    learned = (f"\n\nWhat LoRA learned: {lora_learned_sentence(results['what_lora_learned'])}" + (
+        " (`what_lora_learned.png`)." if lora else ".")) if results.get("what_lora_learned") else ""
     body = f"""
 # {name}
 
@@ -1470,7 +1560,7 @@ learning rate {results['learning_rate']:g}, {results['training_precision']}, see
 {results['trainable_params']:,} of {results['all_params']:,} weights trained.
 
 On {results['eval_samples']:,} test reviews, read up to {read} tokens each: accuracy {results['accuracy']:.4f}, F1
-{results['f1']:.4f}, precision {results['precision']:.4f}, recall {results['recall']:.4f}.
+{results['f1']:.4f}, precision {results['precision']:.4f}, recall {results['recall']:.4f}.{learned}
 
 ```python
 {chr(10).join(code)}
@@ -1503,9 +1593,12 @@ def result_rows(runs):
     return rows
 
 def print_summary(out_dir):  # what results.json holds, as a table
-    rows = result_rows([read_json(out_dir / "results.json")]) + [("saved to", [str(out_dir)], "")]
+    results = read_json(out_dir / "results.json")
+    rows = result_rows([results]) + [("saved to", [str(out_dir)], "")]
     width = max(len(name) for name, _, _ in rows)
     print("\n" + "\n".join(f"{name:<{width}}  {cells[0]}" for name, cells, _ in rows), flush=True)
+    if learned := results.get("what_lora_learned"):
+        print(f"What LoRA learned: {lora_learned_sentence(learned)} ({out_dir / 'what_lora_learned.png'})")
 
 def plan_comparison(cfg, argv, variants):
     """{name: (settings, command-line arguments)} for each run of --compare. A variant that does not parse,

@@ -15,7 +15,8 @@ to STUDIES):
             targets, every attention projection, every linear layer), the top half of the blocks only,
             128 tokens instead of 256 (and both), DoRA; 1,000 test reviews, one line per variant
   truncation  which tokens of a longer review the quick run reads: its end, or its first quarter and its end,
-            at 128 and at 256 tokens (its start: the settings study's runs); 1,000 test reviews. With
+            at 128 and at 256 tokens (its start: the settings study's runs), and the end on the top half of
+            the blocks; 1,000 test reviews. With
             --reread_best 512, the most accurate run's adapter also classifies the same test reviews reading
             up to 512 tokens of each (trained short, read long: no training)
 Every training runs in a process of its own and saves to OUT/<study>/; a finished one is not run
@@ -53,7 +54,7 @@ STUDIES = {
     "truncation": ("Which tokens of a longer review, on the quick run", ["--logging_steps", "25",
                                                                          "--max_eval_samples", "1000"],
                    ["--truncation end --max_length 128", "--truncation start+end --max_length 128",
-                    "--truncation end", "--truncation start+end"]),
+                    "--truncation end", "--truncation start+end", "--truncation end --lora_top_blocks {half}"]),
 }
 # Each model family's attention projections. GPT-2's c_proj names its MLP's output layer too.
 ATTENTION = {"llama": "q_proj k_proj v_proj o_proj", "gpt2": "c_attn c_proj"}

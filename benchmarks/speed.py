@@ -158,7 +158,8 @@ def padding_efficiency(cfg, lengths_train, lengths_eval):
         return padded(batch, ft.StepGraphs.multiple if graphed else cfg.pad_to_multiple_of)
 
     if cfg.group_by_length:
-        order = list(ft.length_grouped_sampler(lengths_train, cfg.batch_size, cfg.seed))
+        order = list(ft.DistributedLengthGroupedSampler(cfg.batch_size, num_replicas=1, rank=0, lengths=lengths_train,
+                                                        seed=cfg.seed))  # as FastTrainer._get_train_sampler makes it
     else:
         order = torch.randperm(len(lengths_train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train = [[lengths_train[i] for i in order[s:s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]

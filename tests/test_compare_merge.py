@@ -43,6 +43,7 @@ def test_full_finetune_saves_a_whole_model_that_reloads(tiny_model, reviews, tmp
     assert results["method"] == "full" and results["trainable_percent"] == 100
     assert results["accuracy"] >= 0.9
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert not (out / "what_lora_learned.png").exists() and "what_lora_learned" not in results  # no adapter
     assert not (tmp_path / "unused").exists()
     check_model_card(out, "transformers", results["accuracy"])
     assert labels_from_a_pipeline(out) == {"negative", "positive"}  # TEXTS holds clear cases of each

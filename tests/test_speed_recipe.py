@@ -16,7 +16,13 @@ def imdb_like_lengths(n, seed=0):
 
 
 def epoch_order(lengths, seed, epoch, batch_size=8):
-    sampler = fine_tune_lora.length_grouped_sampler(lengths, batch_size, seed)
+    """The order of one epoch's reviews, from the sampler the script's Trainer draws its training batches from."""
+    import datasets
+
+    trainer = types.SimpleNamespace(train_dataset=datasets.Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}),
+                                    args=types.SimpleNamespace(train_sampling_strategy="group_by_length", seed=seed,
+                                                               per_device_train_batch_size=batch_size))
+    sampler = fine_tune_lora.FastTrainer._get_train_sampler(trainer)
     sampler.set_epoch(epoch)
     return list(sampler)
 
