@@ -279,8 +279,9 @@ def test_a_tracker_gets_the_logs(tiny_model, reviews, tmp_path, capsys):
     """--report_to tensorboard: its event files, with the training loss and the evaluation, are kept with the saved
     model. (The run lasts over a second: TensorBoard names its files to the second, and the evaluation after the
     training opens a file of its own.)"""
-    done = run_main(capsys, *base_args(tiny_model, reviews), "--report_to", "tensorboard", "--output_dir",
-                    tmp_path / "out")
+    # Three epochs: training a second or more, so that the evaluation's event file is not named as training's
+    done = run_main(capsys, *base_args(tiny_model, reviews), "--num_epochs", "3", "--report_to", "tensorboard",
+                    "--output_dir", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     events = list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))
     logged = {value.tag: value.simple_value for event in events for value in tensorboard_values(event)}
